@@ -94,6 +94,11 @@ class Generator:
             self._wake.notify_all()
         self._thread.join(timeout=10)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or decoding."""
+        return len(self._active) + len(self._waiting)
+
     def check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise ContextLengthError("the prompt is empty")
@@ -114,6 +119,8 @@ class Generator:
             id=next(self._ids), rng=make_generator(params),
         )
         with self._wake:
+            if self._stopping:
+                raise RuntimeError("the generator is shutting down")
             self._waiting.append(seq)
             self._wake.notify()
         return seq

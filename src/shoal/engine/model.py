@@ -23,29 +23,34 @@ class Step:
 
     input_pos: [B, T] positions of the new tokens; kv_len: how many cache positions attention
     reads; mask: [B, 1, T, kv_len] (True = attend) or None when every row sees all of kv_len.
+    When every row writes the same contiguous positions from `start`, rows is None; otherwise
+    rows indexes the batch for a scattered one-token write.
     """
 
     row0: int
     input_pos: torch.Tensor
     kv_len: int
     mask: torch.Tensor | None
+    start: int = 0
+    rows: torch.Tensor | None = None
 
     @classmethod
     def prefill(cls, slot: int, start: int, length: int, device: torch.device | str = "cpu") -> Step:
         pos = torch.arange(start, start + length, device=device)
         kv = torch.arange(start + length, device=device)
         mask = (kv[None, :] <= pos[:, None])[None, None]
-        return cls(slot, pos[None], start + length, mask)
+        return cls(slot, pos[None], start + length, mask, start=start)
 
     @classmethod
     def decode(cls, positions: list[int], device: torch.device | str = "cpu") -> Step:
         pos = torch.tensor(positions, device=device)
         kv_len = max(positions) + 1
-        mask = None
-        if min(positions) != kv_len - 1:  # rows of unequal length: hide each row's future
-            kv = torch.arange(kv_len, device=device)
-            mask = (kv[None, :] <= pos[:, None])[:, None, None, :]
-        return cls(0, pos[:, None], kv_len, mask)
+        if min(positions) == kv_len - 1:  # all rows at one position: a plain slice write
+            return cls(0, pos[:, None], kv_len, None, start=kv_len - 1)
+        kv = torch.arange(kv_len, device=device)
+        mask = (kv[None, :] <= pos[:, None])[:, None, None, :]  # hide each row's future
+        rows = torch.arange(len(positions), device=device)
+        return cls(0, pos[:, None], kv_len, mask, rows=rows)
 
 
 class Attention(nn.Module):
@@ -68,31 +73,28 @@ class Attention(nn.Module):
         step: Step,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(bsz, seqlen, self.num_heads, self.head_dim)
-        k = k.view(bsz, seqlen, self.num_kv_heads, self.head_dim)
-        v = v.view(bsz, seqlen, self.num_kv_heads, self.head_dim)
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = self.wqkv(x).split([(nh + nkv) * hd, nkv * hd], dim=-1)
+        qk = qk.view(bsz, seqlen, nh + nkv, hd)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat([self.q_norm(qk[:, :, :nh]), self.k_norm(qk[:, :, nh:])], dim=2)
+        # q and k heads rotate together: one RoPE pass instead of two.
+        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([nh, nkv], dim=1)
+        v = v.view(bsz, seqlen, nkv, hd).transpose(1, 2)
 
         k_cache, v_cache = (c[step.row0 : step.row0 + bsz] for c in cache)
-        if seqlen == 1:
-            rows = torch.arange(bsz, device=x.device)
-            k_cache[rows, :, step.input_pos[:, 0]] = k[:, :, 0]
-            v_cache[rows, :, step.input_pos[:, 0]] = v[:, :, 0]
-        else:  # prefill: one row, contiguous positions
-            start = int(step.input_pos[0, 0])
+        if step.rows is not None:  # decode rows at different positions
+            k_cache[step.rows, :, step.input_pos[:, 0]] = k[:, :, 0]
+            v_cache[step.rows, :, step.input_pos[:, 0]] = v[:, :, 0]
+        else:  # every row writes the same contiguous positions
+            start = step.start
             k_cache[:, :, start : start + seqlen] = k
             v_cache[:, :, start : start + seqlen] = v
         keys, values = k_cache[:, :, : step.kv_len], v_cache[:, :, : step.kv_len]
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=step.mask, enable_gqa=self.num_heads != self.num_kv_heads
+            q, keys, values, attn_mask=step.mask, enable_gqa=nh != nkv
         )
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, q_size))
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, nh * hd))
 
 
 class FeedForward(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +65,9 @@ class ServedModel:
             ids = [bos, *ids]
         return ids
 
-    async def stream(self, prompt: list[int], params: SamplingParams):  # noqa: ANN201
-        async for event in self.generator.stream(prompt, params):
-            yield event
+    def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Event]:
+        """Events of one request; closing the iterator early cancels it."""
+        return self.generator.stream(prompt, params)
 
     def generate_blocking(self, prompt: list[int], params: SamplingParams,
                           timeout: float = 120.0) -> list[Event]:

@@ -1,0 +1,28 @@
+"""The HTTP API of one node: app factory, error handling and health."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from shoal import __version__
+from shoal.api import openai
+from shoal.api.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected
+from shoal.api.host import ModelHost
+
+
+def create_app(host: ModelHost) -> FastAPI:
+    app = FastAPI(title="shoal", version=__version__, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.host = host
+    app.add_middleware(CatchUnexpected)
+    app.include_router(openai.router)
+
+    @app.get("/health", response_model=None)
+    async def health() -> JSONResponse:
+        # Serving truth is a completed request: ready only after the warm-up generation.
+        if not host.ready:
+            raise ApiError(503, host.not_ready_reason, code="not_ready",
+                           type="service_unavailable")
+        return JSONResponse({"status": "ok"})
+
+    return app

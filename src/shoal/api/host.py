@@ -1,0 +1,25 @@
+"""What the API needs from the node that runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from shoal.engine.serving import ServedModel
+
+
+class ModelHost(Protocol):
+    @property
+    def models(self) -> Mapping[str, ServedModel]:
+        """The models served here, by the id clients use."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """True once every served model has completed its warm-up generation."""
+        ...
+
+    @property
+    def not_ready_reason(self) -> str:
+        """Why the node is not ready (loading, warming up, or the warm-up error)."""
+        ...

@@ -1,0 +1,50 @@
+"""The `shoal` command: `shoal run` serves this machine; other commands talk to a node."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from shoal import __version__
+from shoal.config import StartupError, add_run_flags, settings_from
+from shoal.ops import bench, chat
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from shoal.node import run  # torch and the engine load only for commands that need them
+
+    run(settings)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"shoal {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="serve models from this machine (OpenAI API)",
+                              description="Serve models from this machine over an "
+                                          "OpenAI-compatible API.")
+    add_run_flags(run)
+    run.set_defaults(func=_run)
+    for module in (chat, bench):  # client commands, each registering its own flags
+        module.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StartupError as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Settings for `shoal run`: each `--some-flag` also reads env `SHOAL_SOME_FLAG`.
+
+Precedence is command line, then environment, then the default. The flags are generated from
+the fields of `RunSettings`, so a new setting is one field with its help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SHOAL_"
+BUNDLED = "bundled"  # --model value: the model shipped with shoal
+NO_MODEL = "none"  # --model value: serve nothing until an instance is placed here
+
+
+class StartupError(Exception):
+    """Something the user fixes by changing how shoal is run; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where shoal keeps its files (XDG base directories, or all under SHOAL_HOME)."""
+
+    data: Path
+    cache: Path
+    config: Path
+
+    @property
+    def tokenizer_cache(self) -> Path:
+        return self.cache / "tokenizers"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Paths:
+        if home := env.get("SHOAL_HOME"):
+            root = Path(home).expanduser()
+            return cls(root / "data", root / "cache", root / "config")
+
+        def xdg(var: str, fallback: str) -> Path:
+            return Path(env.get(var) or Path.home() / fallback).expanduser() / "shoal"
+
+        return cls(
+            xdg("XDG_DATA_HOME", ".local/share"),
+            xdg("XDG_CACHE_HOME", ".cache"),
+            xdg("XDG_CONFIG_HOME", ".config"),
+        )
+
+
+def _flag(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    host: str = _flag("0.0.0.0", "address the API listens on")
+    api_port: int = _flag(52415, "port of the OpenAI-compatible API; 0 picks a free one")
+    model: str = _flag(
+        BUNDLED,
+        f"GGUF file or Hugging Face model directory to serve; '{BUNDLED}' = SmolLM2-135M-Instruct"
+        f" shipped with shoal, '{NO_MODEL}' = serve nothing until an instance is placed here",
+    )
+    model_id: str | None = _flag(
+        None, "id clients use for the model; default: its Hugging Face id, or the file or dir name"
+    )
+    device: str = _flag("auto", "where the model runs", ("auto", "cpu", "cuda"))
+    max_batch: int = _flag(4, "sequences decoded together (KV cache slots)")
+    max_seq_len: int | None = _flag(None, "context window in tokens (default: the model's)")
+    log_level: str = _flag("info", "log verbosity", ("debug", "info", "warning", "error"))
+    paths: Paths = field(default_factory=Paths.from_env)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.api_port <= 65535:
+            raise StartupError(f"--api-port {self.api_port} is not a port: use 0-65535")
+        if self.max_batch < 1:
+            raise StartupError(f"--max-batch {self.max_batch} is too small: use 1 or more")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise StartupError(f"--max-seq-len {self.max_seq_len} is too small: use 2 or more")
+
+
+def _flag_fields() -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(RunSettings) if "help" in f.metadata]
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _converter(name: str) -> type:
+    hint = typing.get_type_hints(RunSettings)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint  # `int | None` parses as int
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Register one flag per setting; None means "not given" so the env and default can apply."""
+    for f in _flag_fields():
+        default = "" if f.default is None else f"; default {f.default}"
+        parser.add_argument(
+            _option(f.name),
+            type=_converter(f.name),
+            choices=f.metadata["choices"] or None,
+            default=None,
+            help=f"{f.metadata['help']} (env {_env_var(f.name)}{default})",
+        )
+
+
+def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> RunSettings:
+    """Resolve every setting: command line, else environment, else default."""
+    values: dict[str, Any] = {}
+    for f in _flag_fields():
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+        elif (raw := env.get(_env_var(f.name))) not in (None, ""):
+            values[f.name] = _parse_env(f, raw)
+    return RunSettings(**values, paths=Paths.from_env(env))
+
+
+def _parse_env(f: dataclasses.Field[Any], raw: str) -> Any:
+    var, convert = _env_var(f.name), _converter(f.name)
+    try:
+        value = convert(raw)
+    except ValueError:
+        raise StartupError(
+            f"{var}={raw!r} is not a valid {convert.__name__}: fix or unset it"
+        ) from None
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        allowed = ", ".join(f.metadata["choices"])
+        raise StartupError(f"{var}={raw!r} is not one of {allowed}: fix or unset it")
+    return value

@@ -1,0 +1,254 @@
+"""Composition root of one machine: load the model, warm it up, serve the API."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import json
+import logging
+import shlex
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import psutil
+import torch
+import uvicorn
+
+from shoal import __version__
+from shoal.api.app import create_app
+from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError
+from shoal.engine.serving import ServedModel, pick_device
+from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
+
+log = logging.getLogger(__name__)
+
+# In-flight generations are ended with an error at shutdown; this bounds the wait for their
+# clients to read that error before connections are dropped.
+GRACEFUL_SHUTDOWN_S = 5
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    id: str
+    path: Path
+
+
+def choose_model(settings: RunSettings) -> ModelChoice | None:
+    """What --model and --model-id ask for; None for `--model none`."""
+    if settings.model == NO_MODEL:
+        return None
+    if settings.model in (BUNDLED, BUNDLED_MODEL_ID):
+        try:
+            path = bundled_model_path()
+        except FileNotFoundError as exc:
+            raise StartupError(str(exc)) from None
+        return ModelChoice(settings.model_id or BUNDLED_MODEL_ID, path)
+    path = Path(settings.model).expanduser()
+    if not path.exists():
+        raise StartupError(
+            f"model not found: {path} does not exist; pass --model a GGUF file or a Hugging "
+            f"Face model directory, or leave --model out to serve the bundled {BUNDLED_MODEL_ID}"
+        )
+    return ModelChoice(settings.model_id or _default_model_id(path), path)
+
+
+def _default_model_id(path: Path) -> str:
+    try:
+        if path.samefile(bundled_model_path()):
+            return BUNDLED_MODEL_ID
+    except FileNotFoundError:
+        pass
+    return path.stem if path.is_file() else path.resolve().name
+
+
+class Node:
+    """One machine's shoal: its served models, their readiness, and the API server."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        self.settings = settings
+        self.choice = choose_model(settings)  # a bad --model fails before the port is taken
+        self._models: dict[str, ServedModel] = {}
+        self._ready = False
+        self._not_ready_reason = "the node is starting"
+        self._server: _Server | None = None
+        self.app = create_app(self)
+
+    @property
+    def models(self) -> Mapping[str, ServedModel]:
+        return self._models
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def not_ready_reason(self) -> str:
+        return self._not_ready_reason
+
+    def bind(self) -> socket.socket:
+        """Claim the API port before the slow model load, so a busy port fails at once."""
+        host, port = self.settings.host, self.settings.api_port
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        except socket.gaierror as exc:
+            raise StartupError(f"cannot listen on --host {host}: {exc.strerror}; "
+                               "pass an address of this machine, or 0.0.0.0 for all") from None
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restarts reuse TIME_WAIT
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"port {port} on {host} is already in use: stop the other server, or pick "
+                    "another port with --api-port (env SHOAL_API_PORT)") from None
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}; "
+                               "check --host and --api-port") from None
+        return sock
+
+    def load(self) -> None:
+        choice = self.choice
+        if choice is None:
+            return
+        device = pick_device(self.settings.device)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise StartupError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+        self._not_ready_reason = f"loading {choice.id}"
+        try:
+            model = ServedModel.load(
+                choice.id, choice.path, device=device, max_batch=self.settings.max_batch,
+                max_seq_len=self.settings.max_seq_len,
+                tokenizer_cache=self.settings.paths.tokenizer_cache,
+            )
+        except Exception as exc:  # whatever the file's problem, the user gets one line
+            log.debug("loading %s failed", choice.path, exc_info=True)
+            raise StartupError(
+                f"cannot load {choice.path}: {type(exc).__name__}: {exc}; pass --model a "
+                "Llama-family GGUF file or Hugging Face model directory (--log-level debug "
+                "shows the traceback)"
+            ) from None
+        self._models[choice.id] = model
+
+    def warm_up(self) -> bool:
+        """One real generation per model; the node reports healthy only after all succeed."""
+        for model in self._models.values():
+            self._not_ready_reason = f"warming up {model.id}"
+            try:
+                result = model.warm_up()
+            except Exception as exc:
+                self._not_ready_reason = f"the warm-up generation of {model.id} failed: {exc}"
+                log.error("%s", self._not_ready_reason)
+                return False
+            log.info("warm-up of %s: %r in %.2fs", model.id, result.text, result.seconds)
+        self._ready = True
+        return True
+
+    async def serve(self, sock: socket.socket, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve on a bound socket until stopped; warm up once the API answers (health 503)."""
+        config = uvicorn.Config(self.app, log_level=self.settings.log_level, lifespan="off",
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        self._server = _Server(config, on_exit=self._end_generations)
+        serving = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started and not serving.done():
+            await asyncio.sleep(0.02)
+        if self._server.started and await asyncio.to_thread(self.warm_up) and on_ready:
+            on_ready()
+        await serving
+
+    def stop(self) -> None:
+        """Ask a serving node to shut down (from any thread)."""
+        if self._server is not None:
+            self._server.should_exit = True
+        self._end_generations()
+
+    def close(self) -> None:
+        for model in self._models.values():
+            model.close()
+
+    def _end_generations(self) -> None:
+        # Stopping a generator ends its in-flight requests with a clear error, so shutdown
+        # never waits on a long generation. Joining its thread can take a step: not here.
+        threading.Thread(target=self.close, name="shoal-shutdown", daemon=True).start()
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._on_exit()
+
+
+def run(settings: RunSettings) -> None:
+    """`shoal run`: serve until Ctrl-C or SIGTERM."""
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it: end the run as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    node = Node(settings)
+    sock = node.bind()
+    try:
+        node.load()
+        port = sock.getsockname()[1]
+
+        def announce() -> None:
+            print(startup_banner(node, port, _seconds_since_start()), flush=True)
+
+        try:
+            asyncio.run(node.serve(sock, on_ready=announce))
+        except KeyboardInterrupt:
+            pass
+    finally:
+        node.close()
+        sock.close()
+    print("shoal stopped", flush=True)
+
+
+def _seconds_since_start() -> float:
+    return time.time() - psutil.Process().create_time()
+
+
+def api_urls(host: str, port: int) -> list[str]:
+    """Base URLs a client can use; a wildcard host lists loopback and this machine's LAN IPs."""
+    if host in ("0.0.0.0", "::", ""):
+        hosts = ["127.0.0.1", *_lan_ipv4()]
+    else:
+        hosts = [f"[{host}]" if ":" in host else host]
+    return [f"http://{h}:{port}/v1" for h in hosts]
+
+
+def _lan_ipv4() -> list[str]:
+    found = []
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family == socket.AF_INET:
+                ip = ipaddress.ip_address(addr.address)
+                if not (ip.is_loopback or ip.is_link_local):
+                    found.append(addr.address)
+    return sorted(set(found), key=ipaddress.ip_address)
+
+
+def startup_banner(node: Node, port: int, seconds: float) -> str:
+    urls = api_urls(node.settings.host, port)
+    lines = [f"shoal {__version__} ready in {seconds:.1f} s (since process start)"]
+    for model in node.models.values():
+        lines.append(f"  model  {model.id} (context {model.context_length} tokens, "
+                     f"{model.generator.device}, batch {model.generator.max_batch})")
+    lines += [f"  API    {urls[0]}", *(f"         {url}" for url in urls[1:])]
+    if not node.models:
+        lines.append("  no model served (--model none): nothing to chat with yet")
+        return "\n".join(lines)
+    body = {"model": next(iter(node.models)),
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    lines.append(f"  try    curl {urls[0]}/chat/completions -H 'Content-Type: application/json' "
+                 f"-d {shlex.quote(json.dumps(body))}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Shared fixtures: one real shoal node (bundled SmolLM2, real uvicorn) per test session."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from shoal.config import RunSettings
+from shoal.engine.serving import ServedModel
+from shoal.models.bundled import BUNDLED_MODEL_ID
+from shoal.node import Node
+
+# Small enough that an over-long prompt is cheap to build and tokenize in the tests.
+TEST_CONTEXT = 2048
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    node: Node
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def model(self) -> ServedModel:
+        return self.node.models[BUNDLED_MODEL_ID]
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LiveServer]:
+    settings = RunSettings(host="127.0.0.1", api_port=0, max_seq_len=TEST_CONTEXT,
+                           log_level="warning")
+    node = Node(settings)
+    sock = node.bind()  # port 0: the OS picks a free port, no race with other processes
+    node.load()
+    thread = threading.Thread(target=asyncio.run, args=(node.serve(sock),), daemon=True)
+    thread.start()
+    live = LiveServer(node, sock.getsockname()[1])
+    try:
+        _wait_until_healthy(live, thread)
+        yield live
+    finally:
+        node.stop()
+        thread.join(timeout=30)
+        node.close()
+        sock.close()
+
+
+def _wait_until_healthy(live: LiveServer, thread: threading.Thread) -> None:
+    deadline = time.monotonic() + 120
+    while True:  # /health turns 200 only after the warm-up generation
+        try:
+            if httpx.get(f"{live.url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail(f"the test server did not become ready: {live.node.not_ready_reason}")
+        time.sleep(0.1)
