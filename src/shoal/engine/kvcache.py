@@ -6,7 +6,9 @@ step attends over a plain view `k[:n, :, :kv_len]` with no gather.
 
 from __future__ import annotations
 
-import numpy as np
+import math
+import mmap
+
 import torch
 
 
@@ -24,10 +26,13 @@ class KVCache:
         shape = (num_layers, 2, max_batch, num_kv_heads, max_seq_len, head_dim)
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
-        if torch.device(device).type == "cpu" and dtype == torch.float32:
-            # numpy.zeros uses calloc: the pages are zero but only take memory once written, so
-            # a full-context cache costs RSS in proportion to the tokens actually held.
-            self.data = torch.from_numpy(np.zeros(shape, dtype=np.float32))
+        if torch.device(device).type == "cpu":
+            # Anonymous mmap pages read as zero and take memory only once written, so a
+            # full-context cache costs RSS in proportion to the tokens actually held. (numpy's
+            # zeros would ask for 2 MB huge pages: every touched row would cost 2 MB.)
+            size = math.prod(shape) * dtype.itemsize
+            self._buffer = mmap.mmap(-1, size)
+            self.data = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
         else:
             self.data = torch.zeros(shape, dtype=dtype, device=device)
 

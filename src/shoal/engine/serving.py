@@ -13,7 +13,7 @@ import torch
 from shoal.engine.generator import Event, Generator
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import Tokenizer
-from shoal.engine.weights import load_model, open_source
+from shoal.engine.weights import load_model, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ class ServedModel:
         tokenizer_cache: Path | None = None,
     ) -> ServedModel:
         started = time.monotonic()
-        source = open_source(path)
-        model = load_model(path, device=device, source=source)
+        model = load_model(path, device=device)
         tokenizer = Tokenizer.load(path, tokenizer_cache)
+        release_freed_memory()
         generator = Generator(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
         generator.start()
         log.info("loaded %s from %s in %.1fs", model_id, path, time.monotonic() - started)
