@@ -377,10 +377,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[str]:
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"shoal-node-{port}.log"), "w+b")
+    log = (tmp_path_factory.mktemp("node") / "shoal-run.log").open("w+b")
     proc = subprocess.Popen(
         [sys.executable, "-m", "shoal.cli", "run", "--host", "127.0.0.1", "--api-port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
@@ -400,7 +400,8 @@ def node() -> Iterator[str]:
             pytest.fail(f"node at {url} not healthy within 180 s")
         if proc.poll() is not None:
             log.seek(0)
-            pytest.fail(f"`shoal run` exited with {proc.returncode}:\n{log.read().decode()[-3000:]}")
+            tail = log.read().decode(errors="replace")[-3000:]
+            pytest.fail(f"`shoal run` exited with {proc.returncode}:\n{tail}")
         yield url
     finally:
         proc.terminate()

@@ -321,6 +321,16 @@ async def calibrate(client: httpx.AsyncClient, base: str, model: str) -> Calibra
     return Calibration.from_samples(samples)
 
 
+async def warm_up(client: httpx.AsyncClient, base: str, model: str, concurrency: int) -> None:
+    """Short requests at the highest concurrency first: a fresh node pays once for each new
+    batch shape (seconds on a CPU), which must not land in the first cell that uses it. A
+    server that refuses these requests stops the run before the grid starts."""
+    bodies = [request_body(model, synthetic_text(8, seed=i), 4) for i in range(concurrency)]
+    results = await asyncio.gather(*(complete_streaming(client, base, b) for b in bodies))
+    if failed := next((r.error for r in results if r.error), None):
+        raise ApiError(f"warm-up request failed: {failed}")
+
+
 def request_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     return {
         "model": model,
@@ -409,11 +419,10 @@ async def bench(args: argparse.Namespace, say: Callable[[str], None]) -> int:
             f"max_tokens {args.max_tokens}, timeout {args.timeout:.0f} s per request -> {out}"
         )
         calibration = await calibrate(client, base, model)
-        # One short request first: the first pass through fresh code paths is not a sample,
-        # and a server that refuses these requests should stop the run before the grid.
-        warm = await complete_streaming(client, base, request_body(model, synthetic_text(8, 1), 2))
-        if warm.error:
-            raise ApiError(f"warm-up request failed: {warm.error}")
+        started = time.perf_counter()
+        await warm_up(client, base, model, max(args.concurrency))
+        say(f"warm-up: {max(args.concurrency)} concurrent requests in "
+            f"{time.perf_counter() - started:.1f} s")
         run_info = {
             "run_id": time.strftime("%Y%m%dT%H%M%S"),
             "api": base,
