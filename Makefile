@@ -28,6 +28,7 @@ run: $(VENV)/.run-deps
 	$(BIN)/shoal run $(ARGS)
 
 test: $(VENV)/.test-deps
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.test-deps

@@ -158,8 +158,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     path = bundled_gguf()
-    print(f"model {MODEL_ID} ({path.name}), fp32, CPU, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, {args.new_tokens} new tokens, {args.reps} reps")
+    print(
+        f"model {MODEL_ID} ({path.name}), fp32, CPU, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, {args.new_tokens} new tokens, {args.reps} reps"
+    )
 
     t = time.perf_counter()
     # Room for the prompt plus the new tokens; a full 8k context would only cost memory.
@@ -198,8 +200,10 @@ def main() -> None:
             hf.append(timing)
             timings, wall, batch_ids = shoal_generate(served, prompt, args.new_tokens, 4)
             batch_tps.append(sum(x.tokens for x in timings) / wall)
-            print(f"  rep {rep + 1}: shoal {single[-1].decode_tps:6.1f} tok/s decode, "
-                  f"transformers {hf[-1].decode_tps:6.1f}, shoal x4 {batch_tps[-1]:6.1f} aggregate")
+            print(
+                f"  rep {rep + 1}: shoal {single[-1].decode_tps:6.1f} tok/s decode, "
+                f"transformers {hf[-1].decode_tps:6.1f}, shoal x4 {batch_tps[-1]:6.1f} aggregate"
+            )
     finally:
         served.close()
 
@@ -256,13 +260,17 @@ def main() -> None:
     print()
     print(f"{'':34} {'tok/s':>8}  target")
     print(f"{'transformers generate, decode':34} {hf_decode:8.1f}")
-    print(f"{'shoal, decode':34} {shoal_decode:8.1f}  "
-          f"{speedup:.2f}x vs transformers (>= {TARGET_VS_TRANSFORMERS}x: "
-          f"{verdict(speedup >= TARGET_VS_TRANSFORMERS)})")
+    print(
+        f"{'shoal, decode':34} {shoal_decode:8.1f}  "
+        f"{speedup:.2f}x vs transformers (>= {TARGET_VS_TRANSFORMERS}x: "
+        f"{verdict(speedup >= TARGET_VS_TRANSFORMERS)})"
+    )
     print(f"{'shoal single stream, end to end':34} {single_e2e:8.1f}")
-    print(f"{'shoal 4 concurrent, aggregate':34} {batch_agg:8.1f}  "
-          f"{ratio4:.2f}x vs single (>= {TARGET_CONCURRENCY_4}x: "
-          f"{verdict(ratio4 >= TARGET_CONCURRENCY_4)})")
+    print(
+        f"{'shoal 4 concurrent, aggregate':34} {batch_agg:8.1f}  "
+        f"{ratio4:.2f}x vs single (>= {TARGET_CONCURRENCY_4}x: "
+        f"{verdict(ratio4 >= TARGET_CONCURRENCY_4)})"
+    )
     same = "yes" if diff_hf is None else f"no, first difference at token {diff_hf}"
     print(f"same greedy tokens as transformers ({args.new_tokens}): {same}")
     same4 = "yes" if all(d is None for d in batch_diffs) else f"no: {batch_diffs}"

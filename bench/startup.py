@@ -115,8 +115,11 @@ def first_answer(url: str) -> tuple[str, str]:
 def stop(proc: subprocess.Popen[bytes]) -> tuple[int | None, float]:
     """SIGINT first, like Ctrl-C; escalate only if the node does not exit."""
     started = time.monotonic()
-    for send, wait_s in ((lambda: proc.send_signal(signal.SIGINT), 15), (proc.terminate, 5),
-                         (proc.kill, 5)):
+    for send, wait_s in (
+        (lambda: proc.send_signal(signal.SIGINT), 15),
+        (proc.terminate, 5),
+        (proc.kill, 5),
+    ):
         if proc.poll() is not None:
             break
         send()
@@ -172,11 +175,13 @@ def main() -> None:
     for i in range(args.runs):
         run = one_run(args.timeout, args.node_args)
         runs.append(run)
-        print(f"run {i + 1}/{args.runs}: healthy {run['seconds_to_healthy']:.2f} s, "
-              f"first answer {run['seconds_to_first_answer']:.2f} s, "
-              f"peak RSS {run['peak_rss_mib']:.0f} MiB, "
-              f"stopped in {run['seconds_to_stop']:.1f} s (exit {run['exit_code_after_sigint']}), "
-              f"answer {run['answer']!r}")
+        print(
+            f"run {i + 1}/{args.runs}: healthy {run['seconds_to_healthy']:.2f} s, "
+            f"first answer {run['seconds_to_first_answer']:.2f} s, "
+            f"peak RSS {run['peak_rss_mib']:.0f} MiB, "
+            f"stopped in {run['seconds_to_stop']:.1f} s (exit {run['exit_code_after_sigint']}), "
+            f"answer {run['answer']!r}"
+        )
     warm = runs[-1]
     fast = warm["seconds_to_first_answer"] <= TARGET_FIRST_ANSWER_S
     small = warm["peak_rss_bytes"] < TARGET_PEAK_RSS_BYTES
@@ -196,10 +201,14 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(f"{'warm start (last run)':26} {'measured':>10}  target")
-    print(f"{'first chat answer':26} {warm['seconds_to_first_answer']:9.2f}s  "
-          f"<= {TARGET_FIRST_ANSWER_S:.0f} s: {'PASS' if fast else 'MISS'}")
-    print(f"{'peak RSS (with children)':26} {warm['peak_rss_mib']:7.0f}MiB  "
-          f"< {TARGET_PEAK_RSS_BYTES / 2**30:.1f} GiB: {'PASS' if small else 'MISS'}")
+    print(
+        f"{'first chat answer':26} {warm['seconds_to_first_answer']:9.2f}s  "
+        f"<= {TARGET_FIRST_ANSWER_S:.0f} s: {'PASS' if fast else 'MISS'}"
+    )
+    print(
+        f"{'peak RSS (with children)':26} {warm['peak_rss_mib']:7.0f}MiB  "
+        f"< {TARGET_PEAK_RSS_BYTES / 2**30:.1f} GiB: {'PASS' if small else 'MISS'}"
+    )
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; results: {args.out}")
 
 

@@ -40,8 +40,9 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[LiveServer]:
-    settings = RunSettings(host="127.0.0.1", api_port=0, max_seq_len=TEST_CONTEXT,
-                           log_level="warning")
+    settings = RunSettings(
+        host="127.0.0.1", api_port=0, max_seq_len=TEST_CONTEXT, log_level="warning"
+    )
     node = Node(settings)
     sock = node.bind()  # port 0: the OS picks a free port, no race with other processes
     node.load()

@@ -10,12 +10,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import TEST_CONTEXT, LiveServer
 from fastapi.testclient import TestClient
 
 from shoal.api.app import create_app
 from shoal.models.bundled import BUNDLED_MODEL_ID as MODEL
 from shoal.node import startup_banner
+
+from conftest import TEST_CONTEXT, LiveServer
 
 # The first test also waits for the session's model load and warm-up.
 pytestmark = pytest.mark.timeout(180)
@@ -64,9 +65,11 @@ def test_greedy_chat_knows_the_capital_of_france(client: openai.OpenAI) -> None:
 
 def test_streamed_chat_matches_the_whole_answer(client: openai.OpenAI) -> None:
     whole = chat_text(client, temperature=0, max_tokens=24)
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=FRANCE, temperature=0, max_tokens=24, stream=True
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=FRANCE, temperature=0, max_tokens=24, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert all(c.usage is None for c in chunks)  # no usage chunk unless asked for
@@ -75,18 +78,26 @@ def test_streamed_chat_matches_the_whole_answer(client: openai.OpenAI) -> None:
 
 
 def test_include_usage_adds_a_last_chunk_with_usage_and_no_choices(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=FRANCE, max_tokens=6, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=FRANCE,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 6
 
 
 def test_list_of_text_parts_is_one_message(client: openai.OpenAI) -> None:
-    parts = [{"type": "text", "text": "What is the capital"},
-             {"type": "text", "text": "of France?"}]
+    parts = [
+        {"type": "text", "text": "What is the capital"},
+        {"type": "text", "text": "of France?"},
+    ]
     result = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=16
     )
@@ -94,13 +105,15 @@ def test_list_of_text_parts_is_one_message(client: openai.OpenAI) -> None:
 
 
 def test_text_completion_streamed_and_whole(client: openai.OpenAI) -> None:
-    kwargs: dict[str, Any] = dict(model=MODEL, prompt="The capital of France is", temperature=0,
-                                  max_tokens=8)
+    kwargs: dict[str, Any] = dict(
+        model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8
+    )
     whole = client.completions.create(**kwargs)
     assert whole.id.startswith("cmpl-") and whole.model == MODEL
     assert whole.choices[0].text and whole.usage and whole.usage.completion_tokens <= 8
-    chunks = list(client.completions.create(**kwargs, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage is not None and chunks[-1].usage == whole.usage
 
@@ -123,16 +136,23 @@ def test_stop_string_ends_the_answer_before_it(client: openai.OpenAI) -> None:
 def test_token_limit_gives_length_with_exactly_that_many_tokens(
     client: openai.OpenAI, limit: str
 ) -> None:
-    result = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0,
-                                            **{limit: 3})
+    result = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, **{limit: 3}
+    )
     assert result.choices[0].finish_reason == "length"
     assert result.usage and result.usage.completion_tokens == 3
 
 
 def _open_long_stream(http: httpx.Client) -> Any:
     # "user" is an OpenAI option shoal does not use: unknown fields are ignored, not refused.
-    body = {"model": MODEL, "messages": FRANCE, "stream": True, "max_tokens": 1500,
-            "ignore_eos": True, "user": "test"}
+    body = {
+        "model": MODEL,
+        "messages": FRANCE,
+        "stream": True,
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "user": "test",
+    }
     return http.stream("POST", CHAT, json=body)
 
 
@@ -152,8 +172,7 @@ def _wait_until_idle(server: LiveServer, seconds: float = 10) -> None:
     assert server.model.generator.in_flight == 0
 
 
-def test_parallel_requests_complete_in_one_batch(server: LiveServer,
-                                                 client: openai.OpenAI) -> None:
+def test_parallel_requests_complete_in_one_batch(server: LiveServer, client: openai.OpenAI) -> None:
     stats = server.model.generator.stats
     stats["max_batch_seen"] = 0  # the session's server served other tests before
     with httpx.Client(base_url=server.url, timeout=60) as http, _open_long_stream(http) as anchor:
@@ -161,12 +180,18 @@ def test_parallel_requests_complete_in_one_batch(server: LiveServer,
         # requests below must share decode steps with it: batching is proven, not timed.
         _read_first_content(anchor)
         with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(
-                lambda i: client.chat.completions.create(
-                    model=MODEL, messages=FRANCE, max_tokens=12, seed=i,
-                    extra_body={"ignore_eos": True}),
-                range(4),
-            ))
+            results = list(
+                pool.map(
+                    lambda i: client.chat.completions.create(
+                        model=MODEL,
+                        messages=FRANCE,
+                        max_tokens=12,
+                        seed=i,
+                        extra_body={"ignore_eos": True},
+                    ),
+                    range(4),
+                )
+            )
     assert [r.usage.completion_tokens for r in results if r.usage] == [12] * 4
     assert stats["max_batch_seen"] >= 2
     _wait_until_idle(server)
@@ -201,65 +226,219 @@ BAD_REQUESTS = [
     ("no_body", "POST", CHAT, b"", 400, None, None),
     ("missing_messages", "POST", CHAT, {"model": MODEL}, 400, "messages", None),
     ("empty_messages", "POST", CHAT, {"model": MODEL, "messages": []}, 400, "messages", None),
-    ("messages_not_a_list", "POST", CHAT, {"model": MODEL, "messages": "Hi"}, 400, "messages",
-     None),
-    ("content_not_text", "POST", CHAT, {"model": MODEL, "messages": [{"role": "user",
-     "content": 5}]}, 400, "messages[0].content", None),
-    ("image_part", "POST", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [
-     {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content", None),
-    ("unknown_role", "POST", CHAT, {"model": MODEL, "messages": [{"role": "wizard",
-     "content": "Hi"}]}, 400, "messages[0].role", None),
+    (
+        "messages_not_a_list",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": "Hi"},
+        400,
+        "messages",
+        None,
+    ),
+    (
+        "content_not_text",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages[0].content",
+        None,
+    ),
+    (
+        "image_part",
+        "POST",
+        CHAT,
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ],
+        },
+        400,
+        "messages[0].content",
+        None,
+    ),
+    (
+        "unknown_role",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "Hi"}]},
+        400,
+        "messages[0].role",
+        None,
+    ),
     ("missing_model", "POST", CHAT, {"messages": OK_MSGS}, 400, "model", None),
-    ("unknown_model", "POST", CHAT, {"model": "gpt-9", "messages": OK_MSGS}, 404, "model",
-     "model_not_found"),
-    ("unknown_model_streaming", "POST", CHAT, {"model": "gpt-9", "messages": OK_MSGS,
-     "stream": True}, 404, "model", "model_not_found"),
-    ("temperature_not_a_number", "POST", CHAT, {"model": MODEL, "messages": OK_MSGS,
-     "temperature": "hot"}, 400, "temperature", None),
-    ("temperature_negative", "POST", CHAT, {"model": MODEL, "messages": OK_MSGS,
-     "temperature": -1}, 400, "temperature", None),
-    ("top_p_zero", "POST", CHAT, {"model": MODEL, "messages": OK_MSGS, "top_p": 0}, 400,
-     "top_p", None),
-    ("max_tokens_zero", "POST", CHAT, {"model": MODEL, "messages": OK_MSGS, "max_tokens": 0},
-     400, "max_tokens", None),
-    ("max_tokens_negative", "POST", CHAT, {"model": MODEL, "messages": OK_MSGS,
-     "max_tokens": -5}, 400, "max_tokens", None),
-    ("max_completion_tokens_zero", "POST", CHAT, {"model": MODEL, "messages": OK_MSGS,
-     "max_completion_tokens": 0}, 400, "max_completion_tokens", None),
-    ("stop_not_strings", "POST", CHAT, {"model": MODEL, "messages": OK_MSGS, "stop": [1]}, 400,
-     "stop[0]", None),
-    ("stream_not_a_bool", "POST", CHAT, {"model": MODEL, "messages": OK_MSGS, "stream": "yes"},
-     400, "stream", None),
+    (
+        "unknown_model",
+        "POST",
+        CHAT,
+        {"model": "gpt-9", "messages": OK_MSGS},
+        404,
+        "model",
+        "model_not_found",
+    ),
+    (
+        "unknown_model_streaming",
+        "POST",
+        CHAT,
+        {"model": "gpt-9", "messages": OK_MSGS, "stream": True},
+        404,
+        "model",
+        "model_not_found",
+    ),
+    (
+        "temperature_not_a_number",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": OK_MSGS, "temperature": "hot"},
+        400,
+        "temperature",
+        None,
+    ),
+    (
+        "temperature_negative",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": OK_MSGS, "temperature": -1},
+        400,
+        "temperature",
+        None,
+    ),
+    (
+        "top_p_zero",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": OK_MSGS, "top_p": 0},
+        400,
+        "top_p",
+        None,
+    ),
+    (
+        "max_tokens_zero",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": OK_MSGS, "max_tokens": 0},
+        400,
+        "max_tokens",
+        None,
+    ),
+    (
+        "max_tokens_negative",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": OK_MSGS, "max_tokens": -5},
+        400,
+        "max_tokens",
+        None,
+    ),
+    (
+        "max_completion_tokens_zero",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": OK_MSGS, "max_completion_tokens": 0},
+        400,
+        "max_completion_tokens",
+        None,
+    ),
+    (
+        "stop_not_strings",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": OK_MSGS, "stop": [1]},
+        400,
+        "stop[0]",
+        None,
+    ),
+    (
+        "stream_not_a_bool",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": OK_MSGS, "stream": "yes"},
+        400,
+        "stream",
+        None,
+    ),
     ("n_two", "POST", CHAT, {"model": MODEL, "messages": OK_MSGS, "n": 2}, 400, "n", None),
-    ("chat_too_long", "POST", CHAT, {"model": MODEL, "messages": [{"role": "user",
-     "content": TOO_LONG}]}, 400, "messages", "context_length_exceeded"),
+    (
+        "chat_too_long",
+        "POST",
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "user", "content": TOO_LONG}]},
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
     ("completion_missing_prompt", "POST", COMPLETIONS, {"model": MODEL}, 400, "prompt", None),
-    ("completion_empty_prompt", "POST", COMPLETIONS, {"model": MODEL, "prompt": ""}, 400,
-     "prompt", None),
-    ("completion_prompt_not_text", "POST", COMPLETIONS, {"model": MODEL, "prompt": 5}, 400,
-     "prompt", None),
-    ("completion_too_long", "POST", COMPLETIONS, {"model": MODEL, "prompt": TOO_LONG,
-     "stream": True}, 400, "prompt", "context_length_exceeded"),
-    ("completion_max_tokens_zero", "POST", COMPLETIONS, {"model": MODEL, "prompt": "Hi",
-     "max_tokens": 0}, 400, "max_tokens", None),
-    ("completion_unknown_model", "POST", COMPLETIONS, {"model": "gpt-9", "prompt": "Hi"}, 404,
-     "model", "model_not_found"),
+    (
+        "completion_empty_prompt",
+        "POST",
+        COMPLETIONS,
+        {"model": MODEL, "prompt": ""},
+        400,
+        "prompt",
+        None,
+    ),
+    (
+        "completion_prompt_not_text",
+        "POST",
+        COMPLETIONS,
+        {"model": MODEL, "prompt": 5},
+        400,
+        "prompt",
+        None,
+    ),
+    (
+        "completion_too_long",
+        "POST",
+        COMPLETIONS,
+        {"model": MODEL, "prompt": TOO_LONG, "stream": True},
+        400,
+        "prompt",
+        "context_length_exceeded",
+    ),
+    (
+        "completion_max_tokens_zero",
+        "POST",
+        COMPLETIONS,
+        {"model": MODEL, "prompt": "Hi", "max_tokens": 0},
+        400,
+        "max_tokens",
+        None,
+    ),
+    (
+        "completion_unknown_model",
+        "POST",
+        COMPLETIONS,
+        {"model": "gpt-9", "prompt": "Hi"},
+        404,
+        "model",
+        "model_not_found",
+    ),
     ("unknown_model_card", "GET", "/v1/models/gpt-9", None, 404, "model", "model_not_found"),
     ("unknown_route", "GET", "/v1/nothing", None, 404, None, "not_found"),
     ("wrong_method", "GET", CHAT, None, 405, None, "method_not_allowed"),
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status", "param", "code"),
-                         [case[1:] for case in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "param", "code"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[c[0] for c in BAD_REQUESTS],
+)
 def test_bad_request_gets_an_openai_error_and_serving_goes_on(
-    server: LiveServer, method: str, path: str, body: dict[str, Any] | bytes | None,
-    status: int, param: str | None, code: str | None,
+    server: LiveServer,
+    method: str,
+    path: str,
+    body: dict[str, Any] | bytes | None,
+    status: int,
+    param: str | None,
+    code: str | None,
 ) -> None:
     with httpx.Client(base_url=server.url, timeout=60) as http:
         if isinstance(body, bytes):
-            response = http.request(method, path, content=body,
-                                    headers={"Content-Type": "application/json"})
+            response = http.request(
+                method, path, content=body, headers={"Content-Type": "application/json"}
+            )
         else:
             response = http.request(method, path, json=body)
         assert response.status_code == status, response.text

@@ -84,8 +84,11 @@ def test_chunks_of_chat_and_text_completions(payload: dict, delta: chat.ChunkDel
 @pytest.mark.parametrize(
     ("status", "body", "message"),
     [
-        (404, b'{"error": {"message": "model x not found", "type": "not_found"}}',
-         "HTTP 404: model x not found"),
+        (
+            404,
+            b'{"error": {"message": "model x not found", "type": "not_found"}}',
+            "HTTP 404: model x not found",
+        ),
         (400, b'{"error": "bad request"}', "HTTP 400: bad request"),
         (422, b'{"detail": "field required"}', "HTTP 422: field required"),
         (500, b"Internal\nServer   Error", "HTTP 500: Internal Server Error"),
@@ -326,7 +329,10 @@ def test_calibration_refuses_samples_that_cannot_fit_a_line(samples) -> None:
 
 def test_cells_cover_the_grid_in_order_with_requests_defaulting_to_concurrency() -> None:
     assert bench.plan_cells([128, 512], [1, 4], None) == [
-        Cell(1, 128, 1, 1), Cell(2, 128, 4, 4), Cell(3, 512, 1, 1), Cell(4, 512, 4, 4),
+        Cell(1, 128, 1, 1),
+        Cell(2, 128, 4, 4),
+        Cell(3, 512, 1, 1),
+        Cell(4, 512, 4, 4),
     ]
     assert [c.requests for c in bench.plan_cells([16], [1, 2], 5)] == [5, 5]
 
@@ -383,7 +389,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = (tmp_path_factory.mktemp("node") / "shoal-run.log").open("w+b")
     proc = subprocess.Popen(
         [sys.executable, "-m", "shoal.cli", "run", "--host", "127.0.0.1", "--api-port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
     )
     try:
         deadline = time.monotonic() + 180
@@ -415,15 +423,20 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def shoal(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shoal.cli", *argv], input=stdin, capture_output=True,
-        text=True, timeout=120, cwd=REPO,
+        [sys.executable, "-m", "shoal.cli", *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
 
 
 @pytest.mark.timeout(300)
 def test_chat_one_shot_answers_from_the_node(node: str) -> None:
-    done = shoal("chat", "--api", node, "-m", "Say hello.", "--max-tokens", "8",
-                 "--temperature", "0")
+    done = shoal(
+        "chat", "--api", node, "-m", "Say hello.", "--max-tokens", "8", "--temperature", "0"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
     assert "tok/s" in done.stderr and "TTFT" in done.stderr
@@ -446,8 +459,21 @@ def test_chat_with_an_unknown_model_prints_the_api_error_once(node: str) -> None
 @pytest.mark.timeout(300)
 def test_bench_writes_one_valid_line_per_cell(node: str, tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
-    done = shoal("bench", "--api", node, "--prompt-tokens", "16", "--concurrency", "1,2",
-                 "--max-tokens", "4", "--out", str(out), "--timeout", "60")
+    done = shoal(
+        "bench",
+        "--api",
+        node,
+        "--prompt-tokens",
+        "16",
+        "--concurrency",
+        "1,2",
+        "--max-tokens",
+        "4",
+        "--out",
+        str(out),
+        "--timeout",
+        "60",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "cell 2/2" in done.stdout
     cells = [json.loads(line) for line in out.read_text().splitlines()]
@@ -457,7 +483,14 @@ def test_bench_writes_one_valid_line_per_cell(node: str, tmp_path: Path) -> None
         assert c["completion_tokens"] == 4 * c["requests"]  # ignore_eos: exactly max_tokens
         assert c["short_requests"] == 0
         assert 8 <= c["prompt_tokens_mean"] <= 32  # "about 16" through the real tokenizer
-        for key in ("aggregate_decode_tps", "ttft_p50_s", "ttft_p95_s", "latency_p50_s",
-                    "latency_p95_s", "decode_tps_mean", "prefill_tps_mean"):
+        for key in (
+            "aggregate_decode_tps",
+            "ttft_p50_s",
+            "ttft_p95_s",
+            "latency_p50_s",
+            "latency_p95_s",
+            "decode_tps_mean",
+            "prefill_tps_mean",
+        ):
             assert isinstance(c[key], float) and math.isfinite(c[key]) and c[key] > 0, key
         assert c["ttft_p50_s"] <= c["latency_p50_s"]

@@ -20,57 +20,84 @@ from shoal.node import choose_model
 
 pytestmark = pytest.mark.timeout(60)
 
-DEFAULTS = dict(host="0.0.0.0", api_port=52415, model="bundled", model_id=None, device="auto",
-                max_batch=4, max_seq_len=None, log_level="info")
+DEFAULTS = dict(
+    host="0.0.0.0",
+    api_port=52415,
+    model="bundled",
+    model_id=None,
+    device="auto",
+    max_batch=4,
+    max_seq_len=None,
+    log_level="info",
+)
 
 
 def settings(argv: list[str], env: dict[str, str]) -> RunSettings:
     return settings_from(build_parser().parse_args(["run", *argv]), env)
 
 
-@pytest.mark.parametrize(("argv", "env", "expected"), [
-    ([], {}, {}),
-    ([], {"SHOAL_API_PORT": "9000"}, {"api_port": 9000}),
-    (["--api-port", "9100"], {"SHOAL_API_PORT": "9000"}, {"api_port": 9100}),
-    (["--host", "127.0.0.1"], {}, {"host": "127.0.0.1"}),
-    ([], {"SHOAL_HOST": ""}, {}),  # an empty variable counts as unset
-    ([], {"SHOAL_MODEL": "none"}, {"model": "none"}),
-    (["--model", "/m.gguf"], {"SHOAL_MODEL": "none"}, {"model": "/m.gguf"}),
-    ([], {"SHOAL_MODEL_ID": "env-id"}, {"model_id": "env-id"}),
-    (["--model-id", "flag-id"], {"SHOAL_MODEL_ID": "env-id"}, {"model_id": "flag-id"}),
-    ([], {"SHOAL_DEVICE": "cpu"}, {"device": "cpu"}),
-    (["--device", "cuda"], {"SHOAL_DEVICE": "cpu"}, {"device": "cuda"}),
-    ([], {"SHOAL_MAX_BATCH": "8"}, {"max_batch": 8}),
-    ([], {"SHOAL_MAX_SEQ_LEN": "1024"}, {"max_seq_len": 1024}),
-    (["--max-seq-len", "512"], {"SHOAL_MAX_SEQ_LEN": "1024"}, {"max_seq_len": 512}),
-    (["--log-level", "debug"], {"SHOAL_LOG_LEVEL": "error"}, {"log_level": "debug"}),
-])
-def test_flag_beats_env_beats_default(argv: list[str], env: dict[str, str],
-                                      expected: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        ([], {}, {}),
+        ([], {"SHOAL_API_PORT": "9000"}, {"api_port": 9000}),
+        (["--api-port", "9100"], {"SHOAL_API_PORT": "9000"}, {"api_port": 9100}),
+        (["--host", "127.0.0.1"], {}, {"host": "127.0.0.1"}),
+        ([], {"SHOAL_HOST": ""}, {}),  # an empty variable counts as unset
+        ([], {"SHOAL_MODEL": "none"}, {"model": "none"}),
+        (["--model", "/m.gguf"], {"SHOAL_MODEL": "none"}, {"model": "/m.gguf"}),
+        ([], {"SHOAL_MODEL_ID": "env-id"}, {"model_id": "env-id"}),
+        (["--model-id", "flag-id"], {"SHOAL_MODEL_ID": "env-id"}, {"model_id": "flag-id"}),
+        ([], {"SHOAL_DEVICE": "cpu"}, {"device": "cpu"}),
+        (["--device", "cuda"], {"SHOAL_DEVICE": "cpu"}, {"device": "cuda"}),
+        ([], {"SHOAL_MAX_BATCH": "8"}, {"max_batch": 8}),
+        ([], {"SHOAL_MAX_SEQ_LEN": "1024"}, {"max_seq_len": 1024}),
+        (["--max-seq-len", "512"], {"SHOAL_MAX_SEQ_LEN": "1024"}, {"max_seq_len": 512}),
+        (["--log-level", "debug"], {"SHOAL_LOG_LEVEL": "error"}, {"log_level": "debug"}),
+    ],
+)
+def test_flag_beats_env_beats_default(
+    argv: list[str], env: dict[str, str], expected: dict[str, Any]
+) -> None:
     got = settings(argv, env)
     assert {name: getattr(got, name) for name in DEFAULTS} == {**DEFAULTS, **expected}
 
 
-@pytest.mark.parametrize(("env", "mentions"), [
-    ({"SHOAL_API_PORT": "high"}, "SHOAL_API_PORT"),
-    ({"SHOAL_DEVICE": "tpu"}, "auto, cpu, cuda"),
-    ({"SHOAL_API_PORT": "70000"}, "0-65535"),
-    ({"SHOAL_MAX_BATCH": "0"}, "--max-batch"),
-])
+@pytest.mark.parametrize(
+    ("env", "mentions"),
+    [
+        ({"SHOAL_API_PORT": "high"}, "SHOAL_API_PORT"),
+        ({"SHOAL_DEVICE": "tpu"}, "auto, cpu, cuda"),
+        ({"SHOAL_API_PORT": "70000"}, "0-65535"),
+        ({"SHOAL_MAX_BATCH": "0"}, "--max-batch"),
+    ],
+)
 def test_bad_environment_value_says_what_to_fix(env: dict[str, str], mentions: str) -> None:
     with pytest.raises(StartupError, match=mentions):
         settings([], env)
 
 
-@pytest.mark.parametrize(("env", "data", "cache", "config"), [
-    ({"SHOAL_HOME": "/srv/shoal", "XDG_CACHE_HOME": "/x"}, "/srv/shoal/data",
-     "/srv/shoal/cache", "/srv/shoal/config"),
-    ({"XDG_DATA_HOME": "/d", "XDG_CACHE_HOME": "/c", "XDG_CONFIG_HOME": "/f"}, "/d/shoal",
-     "/c/shoal", "/f/shoal"),
-    ({}, "~/.local/share/shoal", "~/.cache/shoal", "~/.config/shoal"),
-])
-def test_paths_follow_shoal_home_then_xdg(env: dict[str, str], data: str, cache: str,
-                                          config: str) -> None:
+@pytest.mark.parametrize(
+    ("env", "data", "cache", "config"),
+    [
+        (
+            {"SHOAL_HOME": "/srv/shoal", "XDG_CACHE_HOME": "/x"},
+            "/srv/shoal/data",
+            "/srv/shoal/cache",
+            "/srv/shoal/config",
+        ),
+        (
+            {"XDG_DATA_HOME": "/d", "XDG_CACHE_HOME": "/c", "XDG_CONFIG_HOME": "/f"},
+            "/d/shoal",
+            "/c/shoal",
+            "/f/shoal",
+        ),
+        ({}, "~/.local/share/shoal", "~/.cache/shoal", "~/.config/shoal"),
+    ],
+)
+def test_paths_follow_shoal_home_then_xdg(
+    env: dict[str, str], data: str, cache: str, config: str
+) -> None:
     paths = Paths.from_env(env)
     expected = Paths(*(Path(p).expanduser() for p in (data, cache, config)))
     assert paths == expected
@@ -102,16 +129,25 @@ def test_model_id_defaults_to_the_hf_id_or_the_file_or_dir_name(tmp_path: Path) 
 
 def shoal(*args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
-    return subprocess.Popen([sys.executable, "-m", "shoal.cli", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
-@pytest.mark.parametrize(("name", "content", "says"), [
-    ("missing.gguf", None, "does not exist"),
-    ("broken.gguf", b"not a gguf file", "cannot load"),
-])
-def test_unusable_model_is_one_line_and_exit_2(tmp_path: Path, name: str, content: bytes | None,
-                                               says: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("missing.gguf", None, "does not exist"),
+        ("broken.gguf", b"not a gguf file", "cannot load"),
+    ],
+)
+def test_unusable_model_is_one_line_and_exit_2(
+    tmp_path: Path, name: str, content: bytes | None, says: str
+) -> None:
     model = tmp_path / name
     if content is not None:
         model.write_bytes(content)
@@ -135,8 +171,9 @@ def test_port_in_use_is_one_line_and_exit_2() -> None:
 
 
 def test_run_without_model_serves_then_stops_cleanly_on_sigterm() -> None:
-    process = shoal("run", "--host", "127.0.0.1", "--api-port", "0", "--model", "none",
-                    "--log-level", "warning")
+    process = shoal(
+        "run", "--host", "127.0.0.1", "--api-port", "0", "--model", "none", "--log-level", "warning"
+    )
     try:
         assert process.stdout is not None
         banner = [process.stdout.readline() for _ in range(3)]
@@ -145,8 +182,10 @@ def test_run_without_model_serves_then_stops_cleanly_on_sigterm() -> None:
         assert base.startswith("http://127.0.0.1:") and base.endswith("/v1")
         assert httpx.get(base.removesuffix("/v1") + "/health").json() == {"status": "ok"}
         assert httpx.get(f"{base}/models").json()["data"] == []
-        missing = httpx.post(f"{base}/chat/completions",
-                             json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        missing = httpx.post(
+            f"{base}/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert missing.status_code == 404 and "--model" in missing.json()["error"]["message"]
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=30)

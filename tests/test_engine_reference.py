@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import bundled_gguf, save_tiny_model
 from shoal.engine.model import Step, Transformer
 from shoal.engine.weights import load_model, open_source
+
+from engine_helpers import bundled_gguf, save_tiny_model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,7 +34,7 @@ def reference_greedy(ref, prompt: list[int], n: int) -> list[int]:  # noqa: ANN0
     # No EOS: min_new_tokens would mask it out of the logits, which our greedy loop never does.
     ref.generation_config.eos_token_id = None
     out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +70,29 @@ TINY_CASES = {
     "qwen3": ("qwen3", {}),
     "mistral": ("mistral", {}),
     "llama_tied": ("llama", {"tie_word_embeddings": True}),
-    "llama3_rope": ("llama", {"rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "llama3_rope": (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
     "linear_rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
-    "yarn_rope": ("qwen2", {"rope_scaling": {
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}),
+    "yarn_rope": (
+        "qwen2",
+        {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
 }
 
 

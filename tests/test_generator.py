@@ -7,11 +7,12 @@ import time
 
 import pytest
 
-from engine_helpers import bundled_gguf
 from shoal.engine.generator import ContextLengthError, Event, Generator
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import Tokenizer
 from shoal.engine.weights import load_model
+
+from engine_helpers import bundled_gguf
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -110,8 +111,11 @@ def test_max_tokens_and_stop_strings(generator):
 
 
 def test_cancel_frees_the_slot(generator):
-    c = run(generator, prompt(generator, QUESTIONS[3]),
-            SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    c = run(
+        generator,
+        prompt(generator, QUESTIONS[3]),
+        SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
+    )
     while not c.events:
         time.sleep(0.005)
     generator.cancel(next(s for s in generator._active if s.on_event is c))

@@ -47,8 +47,10 @@ def test_greedy_settings_pick_the_argmax(params):
 
 
 def test_low_temperature_concentrates_mass():
-    counts = [sample_one(LOGITS, p := SamplingParams(temperature=0.05, seed=3), make_generator(p))
-              for _ in range(50)]
+    counts = [
+        sample_one(LOGITS, p := SamplingParams(temperature=0.05, seed=3), make_generator(p))
+        for _ in range(50)
+    ]
     assert set(counts) == {0}
 
 
@@ -61,8 +63,9 @@ def test_same_seed_same_draws_and_rows_are_independent():
     # a greedy neighbour in the batch does not disturb a seeded row
     batch = LOGITS[None].repeat(2, 1)
     rng = make_generator(p)
-    mixed = [sample_batch(batch, [SamplingParams(temperature=0), p], [None, rng])[1]
-             for _ in range(30)]
+    mixed = [
+        sample_batch(batch, [SamplingParams(temperature=0), p], [None, rng])[1] for _ in range(30)
+    ]
     assert mixed == a
 
 

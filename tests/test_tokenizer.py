@@ -15,7 +15,7 @@ import pytest
 
 from shoal.engine import tokenizer as tokmod
 from shoal.engine.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
-
+from shoal.engine.weights import read_gguf_metadata
 
 
 def _bundled_gguf() -> Path | None:
@@ -163,7 +163,7 @@ def test_cache_key_tracks_file_identity(tmp_path):
     assert len({k1, k2, tokmod._gguf_cache_key(f)}) == 3
 
 
-def test_read_gguf_metadata_skips_arrays(tmp_path):
+def test_gguf_metadata_keeps_scalars_and_counts_arrays(tmp_path):
     gguf = pytest.importorskip("gguf")
     path = tmp_path / "meta.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
@@ -178,23 +178,15 @@ def test_read_gguf_metadata_skips_arrays(tmp_path):
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.close()
-    wanted = {
-        "general.architecture",
-        "tokenizer.ggml.bos_token_id",
-        "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.add_bos_token",
-        "tokenizer.chat_template",
-        "tokenizer.ggml.tokens",  # arrays are never returned
-        "x.after",
-    }
-    assert tokmod._read_gguf_metadata(path, wanted) == {
-        "general.architecture": "llama",
-        "tokenizer.ggml.bos_token_id": 7,
-        "tokenizer.ggml.eos_token_id": 8,
-        "tokenizer.ggml.add_bos_token": True,
-        "tokenizer.chat_template": "{{ messages }} ✓",
-        "x.after": "tail",
-    }
+    meta = read_gguf_metadata(gguf.GGUFReader(path))
+    assert meta["general.architecture"] == "llama"
+    assert meta["tokenizer.ggml.bos_token_id"] == 7
+    assert meta["tokenizer.ggml.eos_token_id"] == 8
+    assert meta["tokenizer.ggml.add_bos_token"] is True
+    assert meta["tokenizer.chat_template"] == "{{ messages }} ✓"
+    assert meta["x.after"] == "tail"
+    assert "tokenizer.ggml.tokens" not in meta  # arrays only by length: 50k strings are slow
+    assert meta["tokenizer.ggml.tokens.length"] == 300
 
 
 @pytest.mark.parametrize(

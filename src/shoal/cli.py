@@ -13,8 +13,9 @@ from shoal.ops import bench, chat
 
 def _run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from shoal.node import run  # torch and the engine load only for commands that need them
 
     run(settings)
@@ -25,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description=__doc__)
     parser.add_argument("--version", action="version", version=f"shoal {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = commands.add_parser("run", help="serve models from this machine (OpenAI API)",
-                              description="Serve models from this machine over an "
-                                          "OpenAI-compatible API.")
+    run = commands.add_parser(
+        "run",
+        help="serve models from this machine (OpenAI API)",
+        description="Serve models from this machine over an OpenAI-compatible API.",
+    )
     add_run_flags(run)
     run.set_defaults(func=_run)
     for module in (chat, bench):  # client commands, each registering its own flags

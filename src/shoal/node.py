@@ -97,10 +97,13 @@ class Node:
         host, port = self.settings.host, self.settings.api_port
         try:
             family, kind, proto, _, address = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
         except socket.gaierror as exc:
-            raise StartupError(f"cannot listen on --host {host}: {exc.strerror}; "
-                               "pass an address of this machine, or 0.0.0.0 for all") from None
+            raise StartupError(
+                f"cannot listen on --host {host}: {exc.strerror}; "
+                "pass an address of this machine, or 0.0.0.0 for all"
+            ) from None
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restarts reuse TIME_WAIT
         try:
@@ -110,9 +113,11 @@ class Node:
             if exc.errno == errno.EADDRINUSE:
                 raise StartupError(
                     f"port {port} on {host} is already in use: stop the other server, or pick "
-                    "another port with --api-port (env SHOAL_API_PORT)") from None
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}; "
-                               "check --host and --api-port") from None
+                    "another port with --api-port (env SHOAL_API_PORT)"
+                ) from None
+            raise StartupError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; check --host and --api-port"
+            ) from None
         return sock
 
     def load(self) -> None:
@@ -125,7 +130,10 @@ class Node:
         self._not_ready_reason = f"loading {choice.id}"
         try:
             model = ServedModel.load(
-                choice.id, choice.path, device=device, max_batch=self.settings.max_batch,
+                choice.id,
+                choice.path,
+                device=device,
+                max_batch=self.settings.max_batch,
                 max_seq_len=self.settings.max_seq_len,
                 tokenizer_cache=self.settings.paths.tokenizer_cache,
             )
@@ -154,8 +162,12 @@ class Node:
 
     async def serve(self, sock: socket.socket, on_ready: Callable[[], None] | None = None) -> None:
         """Serve on a bound socket until stopped; warm up once the API answers (health 503)."""
-        config = uvicorn.Config(self.app, log_level=self.settings.log_level, lifespan="off",
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        config = uvicorn.Config(
+            self.app,
+            log_level=self.settings.log_level,
+            lifespan="off",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
         self._server = _Server(config, on_exit=self._end_generations)
         serving = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started and not serving.done():
@@ -241,14 +253,20 @@ def startup_banner(node: Node, port: int, seconds: float) -> str:
     urls = api_urls(node.settings.host, port)
     lines = [f"shoal {__version__} ready in {seconds:.1f} s (since process start)"]
     for model in node.models.values():
-        lines.append(f"  model  {model.id} (context {model.context_length} tokens, "
-                     f"{model.generator.device}, batch {model.generator.max_batch})")
+        lines.append(
+            f"  model  {model.id} (context {model.context_length} tokens, "
+            f"{model.generator.device}, batch {model.generator.max_batch})"
+        )
     lines += [f"  API    {urls[0]}", *(f"         {url}" for url in urls[1:])]
     if not node.models:
         lines.append("  no model served (--model none): nothing to chat with yet")
         return "\n".join(lines)
-    body = {"model": next(iter(node.models)),
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
-    lines.append(f"  try    curl {urls[0]}/chat/completions -H 'Content-Type: application/json' "
-                 f"-d {shlex.quote(json.dumps(body))}")
+    body = {
+        "model": next(iter(node.models)),
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }
+    lines.append(
+        f"  try    curl {urls[0]}/chat/completions -H 'Content-Type: application/json' "
+        f"-d {shlex.quote(json.dumps(body))}"
+    )
     return "\n".join(lines)

@@ -21,8 +21,7 @@ def create_app(host: ModelHost) -> FastAPI:
     async def health() -> JSONResponse:
         # Serving truth is a completed request: ready only after the warm-up generation.
         if not host.ready:
-            raise ApiError(503, host.not_ready_reason, code="not_ready",
-                           type="service_unavailable")
+            raise ApiError(503, host.not_ready_reason, code="not_ready", type="service_unavailable")
         return JSONResponse({"status": "ok"})
 
     return app

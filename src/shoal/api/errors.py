@@ -18,8 +18,15 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error the client gets back as-is."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -28,8 +35,14 @@ class ApiError(Exception):
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
@@ -58,8 +71,9 @@ def from_validation(exc: RequestValidationError) -> ApiError:
         if err["type"] == "missing":
             return invalid_request("The request needs a JSON body.")
         # A str input here means the body was not parsed as JSON (no Content-Type header).
-        return invalid_request("The request body must be a JSON object, sent with "
-                               "'Content-Type: application/json'.")
+        return invalid_request(
+            "The request body must be a JSON object, sent with 'Content-Type: application/json'."
+        )
     return invalid_request(f"Invalid '{param}': {err['msg']}.", param=param)
 
 

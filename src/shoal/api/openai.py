@@ -82,12 +82,22 @@ def _find_model(host: ModelHost, name: str) -> ServedModel:
     if name in models:
         return models[name]
     served = ", ".join(sorted(models)) or "none yet (start shoal run with --model)"
-    raise ApiError(404, f"The model '{name}' is not served here. Served models: {served}.",
-                   param="model", code="model_not_found")
+    raise ApiError(
+        404,
+        f"The model '{name}' is not served here. Served models: {served}.",
+        param="model",
+        code="model_not_found",
+    )
 
 
-def _admit(host: ModelHost, body: Sampling, prompt_of: Callable[[ServedModel], list[int]],
-           prompt_param: str, max_tokens: int | None, id_prefix: str) -> Job:
+def _admit(
+    host: ModelHost,
+    body: Sampling,
+    prompt_of: Callable[[ServedModel], list[int]],
+    prompt_param: str,
+    max_tokens: int | None,
+    id_prefix: str,
+) -> Job:
     """Validate a request against the model; every problem here is a 4xx, never a 500."""
     model = _find_model(host, body.model)
     if body.n != 1:
@@ -95,20 +105,27 @@ def _admit(host: ModelHost, body: Sampling, prompt_of: Callable[[ServedModel], l
     try:
         prompt = prompt_of(model)
     except jinja2.TemplateError as exc:  # chat templates reject e.g. an unsupported role order
-        raise invalid_request(f"The chat template rejected the messages: {exc}",
-                              param=prompt_param) from None
+        raise invalid_request(
+            f"The chat template rejected the messages: {exc}", param=prompt_param
+        ) from None
     if not prompt:
         raise invalid_request("The prompt is empty.", param=prompt_param)
     try:
         model.generator.check_prompt(prompt)
     except ContextLengthError as exc:
-        raise invalid_request(f"Context length exceeded: {exc}.", param=prompt_param,
-                              code="context_length_exceeded") from None
+        raise invalid_request(
+            f"Context length exceeded: {exc}.", param=prompt_param, code="context_length_exceeded"
+        ) from None
     try:
         params = SamplingParams(
             max_tokens=max_tokens or model.context_length - len(prompt),
-            temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            min_p=body.min_p, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            seed=body.seed,
+            stop=body.stop,
+            ignore_eos=body.ignore_eos,
         )
     except ValueError as exc:
         raise invalid_request(f"Invalid sampling parameters: {exc}.") from None
@@ -116,8 +133,11 @@ def _admit(host: ModelHost, body: Sampling, prompt_of: Callable[[ServedModel], l
 
 
 def _usage(event: Event) -> Usage:
-    return Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                 total_tokens=event.prompt_tokens + event.completion_tokens)
+    return Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+    )
 
 
 # ---- chat ------------------------------------------------------------------------------------
@@ -126,23 +146,40 @@ def _usage(event: Event) -> Usage:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     messages = [m.model_dump() for m in body.messages]
-    job = _admit(_host(request), body, lambda m: m.chat_prompt(messages), "messages",
-                 body.max_completion_tokens or body.max_tokens, "chatcmpl")
+    job = _admit(
+        _host(request),
+        body,
+        lambda m: m.chat_prompt(messages),
+        "messages",
+        body.max_completion_tokens or body.max_tokens,
+        "chatcmpl",
+    )
     if body.stream:
         return EventStream(_chat_events(job, body.include_usage))
     text, last = await job.collect()
     choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=last.finish_reason)
-    result = ChatCompletion(id=job.id, created=job.created, model=job.name,
-                            system_fingerprint=SYSTEM_FINGERPRINT, choices=[choice],
-                            usage=_usage(last))
+    result = ChatCompletion(
+        id=job.id,
+        created=job.created,
+        model=job.name,
+        system_fingerprint=SYSTEM_FINGERPRINT,
+        choices=[choice],
+        usage=_usage(last),
+    )
     return Response(result.model_dump_json(), media_type="application/json")
 
 
-def _chat_chunk(job: Job, choices: list[ChatChunkChoice],
-                usage: Usage | None = None) -> ChatCompletionChunk:
-    return ChatCompletionChunk(id=job.id, created=job.created, model=job.name,
-                               system_fingerprint=SYSTEM_FINGERPRINT, choices=choices,
-                               usage=usage)
+def _chat_chunk(
+    job: Job, choices: list[ChatChunkChoice], usage: Usage | None = None
+) -> ChatCompletionChunk:
+    return ChatCompletionChunk(
+        id=job.id,
+        created=job.created,
+        model=job.name,
+        system_fingerprint=SYSTEM_FINGERPRINT,
+        choices=choices,
+        usage=usage,
+    )
 
 
 async def _chat_events(job: Job, include_usage: bool) -> AsyncGenerator[str, None]:
@@ -168,20 +205,34 @@ async def _chat_events(job: Job, include_usage: bool) -> AsyncGenerator[str, Non
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    job = _admit(_host(request), body, lambda m: m.text_prompt(body.prompt), "prompt",
-                 body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS, "cmpl")
+    job = _admit(
+        _host(request),
+        body,
+        lambda m: m.text_prompt(body.prompt),
+        "prompt",
+        body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS,
+        "cmpl",
+    )
     if body.stream:
         return EventStream(_completion_events(job, body.include_usage))
     text, last = await job.collect()
     choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
-    return Response(_completion(job, [choice], _usage(last)).model_dump_json(),
-                    media_type="application/json")
+    return Response(
+        _completion(job, [choice], _usage(last)).model_dump_json(), media_type="application/json"
+    )
 
 
-def _completion(job: Job, choices: list[CompletionChoice], usage: Usage | None = None
-                ) -> Completion:
-    return Completion(id=job.id, created=job.created, model=job.name,
-                      system_fingerprint=SYSTEM_FINGERPRINT, choices=choices, usage=usage)
+def _completion(
+    job: Job, choices: list[CompletionChoice], usage: Usage | None = None
+) -> Completion:
+    return Completion(
+        id=job.id,
+        created=job.created,
+        model=job.name,
+        system_fingerprint=SYSTEM_FINGERPRINT,
+        choices=choices,
+        usage=usage,
+    )
 
 
 async def _completion_events(job: Job, include_usage: bool) -> AsyncGenerator[str, None]:

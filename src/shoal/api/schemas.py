@@ -14,8 +14,9 @@ def _text_content(value: Any) -> Any:
     texts = []
     for part in value:
         if not isinstance(part, dict) or part.get("type") != "text":
-            raise ValueError("content parts must be {'type': 'text', 'text': ...}; "
-                             "only text is supported")
+            raise ValueError(
+                "content parts must be {'type': 'text', 'text': ...}; only text is supported"
+            )
         if not isinstance(part.get("text"), str):
             raise ValueError("a text part needs a string 'text'")
         texts.append(part["text"])

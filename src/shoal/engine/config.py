@@ -193,6 +193,6 @@ def _yarn_inv_freq(config: ModelConfig, s: dict[str, Any]) -> tuple[torch.Tensor
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    # Low-frequency dims are interpolated (divided by factor), high-frequency ones kept.
+    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * (1 - ramp)
     return inv_freq, float(attention_factor)

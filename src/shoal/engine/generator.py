@@ -65,13 +65,20 @@ class ContextLengthError(ValueError):
 class Generator:
     """Owns the model, its KV cache and the scheduler thread."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 4,
-                 max_seq_len: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        max_batch: int = 4,
+        max_seq_len: int | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.max_seq_len = min(max_seq_len or model.config.max_position_embeddings,
-                               model.config.max_position_embeddings)
+        self.max_seq_len = min(
+            max_seq_len or model.config.max_position_embeddings,
+            model.config.max_position_embeddings,
+        )
         self.eos_ids = frozenset(tokenizer.eos_ids) | frozenset(model.config.eos_token_ids)
         model.setup_cache(max_batch, self.max_seq_len)
         self.device = next(model.parameters()).device
@@ -109,14 +116,19 @@ class Generator:
                 "for one generated token"
             )
 
-    def submit(self, prompt: list[int], params: SamplingParams,
-               on_event: Callable[[Event], None]) -> Sequence:
+    def submit(
+        self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None]
+    ) -> Sequence:
         """Queue a request; on_event is called from the scheduler thread."""
         self.check_prompt(prompt)
         seq = Sequence(
-            prompt=list(prompt), params=params, on_event=on_event,
-            decoder=IncrementalDecoder(self.tokenizer), stopper=StopMatcher(params.stop),
-            id=next(self._ids), rng=make_generator(params),
+            prompt=list(prompt),
+            params=params,
+            on_event=on_event,
+            decoder=IncrementalDecoder(self.tokenizer),
+            stopper=StopMatcher(params.stop),
+            id=next(self._ids),
+            rng=make_generator(params),
         )
         with self._wake:
             if self._stopping:
@@ -214,8 +226,14 @@ class Generator:
         if text:
             seq.on_event(Event(text, (token,), len(seq.prompt), len(seq.output)))
 
-    def _finish(self, seq: Sequence, reason: str, text: str = "", token: int | None = None,
-                error: str | None = None) -> None:
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: str,
+        text: str = "",
+        token: int | None = None,
+        error: str | None = None,
+    ) -> None:
         if seq.finish_reason is not None:
             return
         seq.finish_reason = reason

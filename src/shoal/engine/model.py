@@ -35,7 +35,9 @@ class Step:
     rows: torch.Tensor | None = None
 
     @classmethod
-    def prefill(cls, slot: int, start: int, length: int, device: torch.device | str = "cpu") -> Step:
+    def prefill(
+        cls, slot: int, start: int, length: int, device: torch.device | str = "cpu"
+    ) -> Step:
         pos = torch.arange(start, start + length, device=device)
         kv = torch.arange(start + length, device=device)
         mask = (kv[None, :] <= pos[:, None])[None, None]

@@ -69,8 +69,9 @@ class ServedModel:
         """Events of one request; closing the iterator early cancels it."""
         return self.generator.stream(prompt, params)
 
-    def generate_blocking(self, prompt: list[int], params: SamplingParams,
-                          timeout: float = 120.0) -> list[Event]:
+    def generate_blocking(
+        self, prompt: list[int], params: SamplingParams, timeout: float = 120.0
+    ) -> list[Event]:
         """Run one request to the end from a non-async thread (startup warm-up, tools)."""
         import threading
 

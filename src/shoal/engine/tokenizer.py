@@ -11,12 +11,11 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -353,18 +352,11 @@ def _convert_gguf_tokenizer(path: Path) -> tokenizers.Tokenizer:
 
 
 def _build_gguf_cache(path: Path, entry: Path) -> None:
-    meta = _read_gguf_metadata(
-        path,
-        {
-            "tokenizer.chat_template",
-            "tokenizer.ggml.bos_token_id",
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.eot_token_id",
-            "tokenizer.ggml.eom_token_id",
-            "tokenizer.ggml.add_bos_token",
-            "tokenizer.ggml.add_eos_token",
-        },
-    )
+    import gguf
+
+    from shoal.engine.weights import read_gguf_metadata
+
+    meta = read_gguf_metadata(gguf.GGUFReader(path))
     backend = _convert_gguf_tokenizer(path)
     bos_id = meta.get("tokenizer.ggml.bos_token_id")
     eos_keys = ("eos_token_id", "eot_token_id", "eom_token_id")
@@ -410,58 +402,3 @@ def _set_special_template(
     backend.post_processor = TemplateProcessing(
         single=single, special_tokens=list(dict.fromkeys(bos + eos))
     )
-
-
-# GGUF metadata value types: scalar struct formats, plus 8 = string and 9 = array.
-_GGUF_SCALAR = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-    10: "<Q", 11: "<q", 12: "<d",
-}  # fmt: skip
-
-
-def _read_gguf_metadata(path: Path, wanted: Collection[str]) -> dict[str, Any]:
-    """Read selected scalar/string metadata keys from a GGUF header.
-
-    gguf.GGUFReader materialises every vocab and merge entry (seconds on big vocabularies); we
-    only need a few scalars, so arrays are skipped by seeking.
-    """
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file")
-        version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-        if not 2 <= version < 0x10000:
-            raise ValueError(f"{path}: unsupported GGUF version or byte order ({version:#x})")
-        out: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = _read_str(f)
-            (vtype,) = struct.unpack("<I", f.read(4))
-            if key in wanted and vtype != 9:
-                out[key] = _read_str(f) if vtype == 8 else _read_scalar(f, vtype)
-            else:
-                _skip_value(f, vtype)
-        return out
-
-
-def _read_scalar(f: BinaryIO, vtype: int) -> Any:
-    fmt = _GGUF_SCALAR[vtype]
-    return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-
-def _read_str(f: BinaryIO) -> str:
-    (n,) = struct.unpack("<Q", f.read(8))
-    return f.read(n).decode("utf-8", errors="replace")
-
-
-def _skip_value(f: BinaryIO, vtype: int) -> None:
-    if vtype == 8:
-        (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(n, os.SEEK_CUR)
-    elif vtype == 9:
-        itype, count = struct.unpack("<IQ", f.read(12))
-        if itype in _GGUF_SCALAR:
-            f.seek(count * struct.calcsize(_GGUF_SCALAR[itype]), os.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_value(f, itype)
-    else:
-        f.seek(struct.calcsize(_GGUF_SCALAR[vtype]), os.SEEK_CUR)

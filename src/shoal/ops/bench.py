@@ -421,8 +421,10 @@ async def bench(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         calibration = await calibrate(client, base, model)
         started = time.perf_counter()
         await warm_up(client, base, model, max(args.concurrency))
-        say(f"warm-up: {max(args.concurrency)} concurrent requests in "
-            f"{time.perf_counter() - started:.1f} s")
+        say(
+            f"warm-up: {max(args.concurrency)} concurrent requests in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
         run_info = {
             "run_id": time.strftime("%Y%m%dT%H%M%S"),
             "api": base,
@@ -497,30 +499,42 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", help="model id (default: the first one of /v1/models)")
     parser.add_argument(
-        "--prompt-tokens", type=int_list, default=[128, 512, 1024],
+        "--prompt-tokens",
+        type=int_list,
+        default=[128, 512, 1024],
         help="prompt lengths in tokens, comma-separated (default 128,512,1024)",
     )
     parser.add_argument(
-        "--concurrency", type=int_list, default=[1, 2, 4],
+        "--concurrency",
+        type=int_list,
+        default=[1, 2, 4],
         help="concurrent requests, comma-separated (default 1,2,4)",
     )
     parser.add_argument(
-        "--max-tokens", type=_positive_int, default=64,
+        "--max-tokens",
+        type=_positive_int,
+        default=64,
         help="tokens generated per request (default 64)",
     )
     parser.add_argument(
-        "--requests", type=_positive_int, default=None,
+        "--requests",
+        type=_positive_int,
+        default=None,
         help="requests per cell (default: the cell's concurrency)",
     )
     parser.add_argument(
         "--out", help="JSONL results file (default bench/results/bench-<timestamp>.jsonl)"
     )
     parser.add_argument(
-        "--heartbeat", type=float, default=10.0,
+        "--heartbeat",
+        type=float,
+        default=10.0,
         help="seconds between progress lines while a cell runs; 0 turns them off (default 10)",
     )
     parser.add_argument(
-        "--timeout", type=_positive_float, default=300.0,
+        "--timeout",
+        type=_positive_float,
+        default=300.0,
         help="seconds one request may take before it counts as failed (default 300)",
     )
     parser.set_defaults(func=run)
