@@ -1,0 +1,115 @@
+"""The documents nodes exchange: each node owns one NodeReport and publishes it.
+
+Plain pydantic models, no behaviour beyond validation: the pure logic that reads them lives in
+view.py (merge, liveness, leader), links.py (path statistics) and interfaces.py (local kinds).
+Every field has a default where an older peer might lack it, so a report from a node one
+version behind still validates.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+MAX_REPORT_BYTES = 1_000_000  # a larger report from a peer is dropped, never parsed
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class InterfaceKind(StrEnum):
+    LOOPBACK = "loopback"
+    THUNDERBOLT = "thunderbolt"
+    ETHERNET = "ethernet"
+    WIFI = "wifi"
+    VPN = "vpn"
+    BRIDGE = "bridge"
+    VETH = "veth"
+    OTHER = "other"
+
+
+class InterfaceInfo(Model):
+    name: str
+    kind: InterfaceKind = InterfaceKind.OTHER
+    addresses: tuple[str, ...] = ()  # CIDR strings: "192.168.100.2/24", "fe80::1/64"
+    mac: str | None = None
+    up: bool = True
+    speed_mbps: int | None = None  # link speed where the OS exposes it
+    rdma: bool = False  # an RDMA device sits on this interface
+    driver: str | None = None
+
+
+class ThunderboltLink(Model):
+    """One Thunderbolt port with a peer Mac (possibly behind hubs or docks)."""
+
+    receptacle: str  # "1", "2", ... as system_profiler numbers the ports
+    interface: str | None = None  # enX that networksetup pairs with "Thunderbolt N"
+    peer_domain_uuid: str | None = None
+    peer_name: str | None = None
+    speed_gbps: float | None = None
+    is_tb5: bool = False  # only for link speed > 40 Gb/s
+    hops: int = 0  # hubs/docks between this port and the peer
+
+
+class GpuInfo(Model):
+    name: str
+    backend: str  # "cuda" or "mps"
+    memory_total: int | None = None  # bytes
+
+
+class Resources(Model):
+    ram_total: int = 0  # bytes
+    ram_available: int = 0
+    cpu_count: int = 0
+    cpu_percent: float = 0.0
+    gpus: tuple[GpuInfo, ...] = ()
+
+
+class PathStats(Model):
+    """Measurements of one path: a local address to one address of a peer, one direction.
+
+    direction "outbound": this node probed the peer's address and got identity-checked
+    replies. "inbound": the peer's probes reached this node's local address (recorded by the
+    receiver, so a path that works one way is visible on both sides).
+    """
+
+    peer_node_id: str
+    peer_addr: str
+    local_addr: str | None = None
+    local_interface: str | None = None
+    interface_kind: InterfaceKind = InterfaceKind.OTHER
+    direction: str = "outbound"  # outbound | inbound
+    rtt_ms_ewma: float | None = None
+    rtt_ms_p50: float | None = None
+    rtt_ms_p95: float | None = None
+    loss: float = 0.0  # fraction of the recent window that got no reply
+    sent: int = 0
+    received: int = 0
+    last_success: float | None = None  # unix time
+    last_attempt: float | None = None
+
+
+class NodeReport(Model):
+    node_id: str
+    name: str = ""
+    boot_id: str = ""
+    boot_started: float = 0.0  # unix time this process started: orders reports across boots
+    seq: int = 0  # bumped on every change within a boot
+    joined_at: float = 0.0  # first time this node id ever started: "earliest join" for leader
+    pinned_leader: bool = False
+    version: str = ""
+    commit: str | None = None
+    protocol: int = PROTOCOL_VERSION
+    namespace_hash: str = ""
+    flags: dict[str, str] = Field(default_factory=dict)  # settings that must match for drift
+    api_port: int = 0
+    addresses: tuple[str, ...] = ()  # where peers may reach this node's API (host:port)
+    resources: Resources = Resources()
+    interfaces: tuple[InterfaceInfo, ...] = ()
+    thunderbolt: tuple[ThunderboltLink, ...] = ()
+    links: tuple[PathStats, ...] = ()
+    shutting_down: bool = False  # a clean stop: peers drop this node at once
+    sent_at: float = 0.0  # unix time the report was produced
