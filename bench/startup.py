@@ -133,7 +133,17 @@ def stop(proc: subprocess.Popen[bytes]) -> tuple[int | None, float]:
 def one_run(timeout: float, extra: list[str]) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [*shoal_command(), "run", "--api-port", str(port), "--host", "127.0.0.1", *extra]
+    command = [
+        *shoal_command(),
+        "run",
+        "--api-port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--discovery-interfaces",
+        "none",
+        *extra,
+    ]
     with tempfile.TemporaryFile() as log:
         started = time.monotonic()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,12 @@ from shoal.config import RunSettings
 from shoal.engine.serving import ServedModel
 from shoal.models.bundled import BUNDLED_MODEL_ID
 from shoal.node import Node
+
+# Nodes started by tests (in this process or as subprocesses) never announce on this machine's
+# real interfaces and never take this machine's own node identity; the discovery and
+# namespace scenarios choose their interfaces and homes explicitly.
+os.environ["SHOAL_DISCOVERY_INTERFACES"] = "none"
+os.environ["SHOAL_HOME"] = tempfile.mkdtemp(prefix="shoal-test-home-")
 
 # Small enough that an over-long prompt is cheap to build and tokenize in the tests.
 TEST_CONTEXT = 2048
@@ -41,7 +49,11 @@ class LiveServer:
 @pytest.fixture(scope="session")
 def server() -> Iterator[LiveServer]:
     settings = RunSettings(
-        host="127.0.0.1", api_port=0, max_seq_len=TEST_CONTEXT, log_level="warning"
+        host="127.0.0.1",
+        api_port=0,
+        max_seq_len=TEST_CONTEXT,
+        log_level="warning",
+        discovery_interfaces="none",
     )
     node = Node(settings)
     sock = node.bind()  # port 0: the OS picks a free port, no race with other processes

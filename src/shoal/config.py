@@ -16,6 +16,16 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SHOAL_"
+_BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 BUNDLED = "bundled"  # --model value: the model shipped with shoal
 NO_MODEL = "none"  # --model value: serve nothing until an instance is placed here
 
@@ -72,6 +82,19 @@ class RunSettings:
     max_batch: int = _flag(4, "sequences decoded together (KV cache slots)")
     max_seq_len: int | None = _flag(None, "context window in tokens (default: the model's)")
     log_level: str = _flag("info", "log verbosity", ("debug", "info", "warning", "error"))
+    node_name: str | None = _flag(None, "friendly name of this node (default: the hostname)")
+    namespace: str = _flag("default", "cluster name: nodes of another namespace never join")
+    peers: str = _flag(
+        "", "static peers host:port,... for networks without multicast (VPNs, other subnets)"
+    )
+    discovery_interfaces: str = _flag(
+        "all",
+        "where mDNS announces and listens: 'all', 'none' (static peers only), or a comma list "
+        "of interface names or addresses",
+    )
+    leader: bool = _flag(False, "prefer this node as the cluster leader")
+    suspect_after: float = _flag(2.0, "seconds without a report before a peer is suspect")
+    gone_after: float = _flag(4.0, "seconds without a report before a peer is gone")
     paths: Paths = field(default_factory=Paths.from_env)
 
     def __post_init__(self) -> None:
@@ -79,6 +102,11 @@ class RunSettings:
             raise StartupError(f"--api-port {self.api_port} is not a port: use 0-65535")
         if self.max_batch < 1:
             raise StartupError(f"--max-batch {self.max_batch} is too small: use 1 or more")
+        if not 0 < self.suspect_after < self.gone_after:
+            raise StartupError(
+                f"--suspect-after {self.suspect_after} and --gone-after {self.gone_after}: "
+                "use 0 < suspect-after < gone-after"
+            )
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise StartupError(f"--max-seq-len {self.max_seq_len} is too small: use 2 or more")
 
@@ -105,12 +133,18 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Register one flag per setting; None means "not given" so the env and default can apply."""
     for f in _flag_fields():
         default = "" if f.default is None else f"; default {f.default}"
+        help = f"{f.metadata['help']} (env {_env_var(f.name)}{default})"
+        if _converter(f.name) is bool:  # --leader / --no-leader
+            parser.add_argument(
+                _option(f.name), action=argparse.BooleanOptionalAction, default=None, help=help
+            )
+            continue
         parser.add_argument(
             _option(f.name),
             type=_converter(f.name),
             choices=f.metadata["choices"] or None,
             default=None,
-            help=f"{f.metadata['help']} (env {_env_var(f.name)}{default})",
+            help=help,
         )
 
 
@@ -128,6 +162,10 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
 
 def _parse_env(f: dataclasses.Field[Any], raw: str) -> Any:
     var, convert = _env_var(f.name), _converter(f.name)
+    if convert is bool:
+        if raw.lower() not in _BOOLEANS:
+            raise StartupError(f"{var}={raw!r} is not a boolean: use 1/0, true/false, yes/no")
+        return _BOOLEANS[raw.lower()]
     try:
         value = convert(raw)
     except ValueError:

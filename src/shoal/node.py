@@ -23,6 +23,10 @@ import uvicorn
 
 from shoal import __version__
 from shoal.api.app import create_app
+from shoal.cluster.discovery import local_addresses, parse_static_peers, resolve_interfaces
+from shoal.cluster.identity import load_identity
+from shoal.cluster.service import ClusterService, ClusterSettings
+from shoal.cluster.view import Timing
 from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError
 from shoal.engine.serving import ServedModel, pick_device
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
@@ -78,6 +82,9 @@ class Node:
         self._ready = False
         self._not_ready_reason = "the node is starting"
         self._server: _Server | None = None
+        self.identity = load_identity(settings.paths.data, settings.node_name)
+        self.cluster_settings = cluster_settings(settings)
+        self.cluster: ClusterService | None = None
         self.app = create_app(self)
 
     @property
@@ -172,9 +179,17 @@ class Node:
         serving = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started and not serving.done():
             await asyncio.sleep(0.02)
-        if self._server.started and await asyncio.to_thread(self.warm_up) and on_ready:
-            on_ready()
-        await serving
+        if self._server.started:
+            host, port = sock.getsockname()[:2]
+            self.cluster = ClusterService(self.identity, self.cluster_settings, host, port)
+            await self.cluster.start()
+        try:
+            if self._server.started and await asyncio.to_thread(self.warm_up) and on_ready:
+                on_ready()
+            await serving
+        finally:
+            if self.cluster is not None:
+                await self.cluster.stop()  # goodbyes to peers, mDNS goodbye, sockets closed
 
     def stop(self) -> None:
         """Ask a serving node to shut down (from any thread)."""
@@ -190,6 +205,33 @@ class Node:
         # Stopping a generator ends its in-flight requests with a clear error, so shutdown
         # never waits on a long generation. Joining its thread can take a step: not here.
         threading.Thread(target=self.close, name="shoal-shutdown", daemon=True).start()
+
+
+def cluster_settings(settings: RunSettings) -> ClusterSettings:
+    """The cluster part of `shoal run`'s settings, with the user's text parsed."""
+    try:
+        peers = tuple(parse_static_peers(settings.peers))
+    except ValueError as exc:
+        raise StartupError(f"{exc}; write host:port,host:port") from None
+    where = settings.discovery_interfaces.strip()
+    interfaces = None
+    if where not in ("all", "none", ""):
+        interfaces = tuple(w.strip() for w in where.split(","))
+        try:  # a typo in an interface name fails here, before the slow model load
+            resolve_interfaces(interfaces, local_addresses())
+        except ValueError as exc:
+            raise StartupError(
+                f"--discovery-interfaces: {exc}; pass interface names or addresses of this "
+                "machine, 'all' or 'none'"
+            ) from None
+    return ClusterSettings(
+        namespace=settings.namespace,
+        static_peers=peers,
+        discovery=where != "none",
+        discovery_interfaces=interfaces,
+        pinned_leader=settings.leader,
+        timing=Timing(suspect_after=settings.suspect_after, gone_after=settings.gone_after),
+    )
 
 
 class _Server(uvicorn.Server):

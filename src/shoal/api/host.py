@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from shoal.cluster.service import ClusterService
 from shoal.engine.serving import ServedModel
 
 
@@ -22,4 +23,9 @@ class ModelHost(Protocol):
     @property
     def not_ready_reason(self) -> str:
         """Why the node is not ready (loading, warming up, or the warm-up error)."""
+        ...
+
+    @property
+    def cluster(self) -> ClusterService | None:
+        """This node's cluster service, once the API is up."""
         ...

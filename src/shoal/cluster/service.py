@@ -1,0 +1,381 @@
+"""The cluster loop of one node: publish our report, poll peers', probe paths, track liveness.
+
+Everything that decides lives in the pure modules (view, links statistics, interfaces);
+this module only moves data between them, the network and the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from pydantic import ValidationError
+
+from shoal import __version__
+from shoal.cluster.discovery import Discovery, PeerAnnouncement, namespace_hash
+from shoal.cluster.identity import NodeIdentity
+from shoal.cluster.interfaces import local_interfaces
+from shoal.cluster.links import Prober
+from shoal.cluster.report import (
+    MAX_REPORT_BYTES,
+    PROTOCOL_VERSION,
+    GpuInfo,
+    InterfaceInfo,
+    InterfaceKind,
+    NodeReport,
+    Resources,
+    ThunderboltLink,
+)
+from shoal.cluster.thunderbolt import local_thunderbolt_links
+from shoal.cluster.view import ClusterView, Timing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    namespace: str = "default"
+    static_peers: tuple[tuple[str, int], ...] = ()
+    discovery: bool = True
+    discovery_interfaces: tuple[str, ...] | None = None  # None: every interface
+    pinned_leader: bool = False
+    poll_interval: float = 1.0
+    probe_interval: float = 1.0
+    timing: Timing = field(default_factory=Timing)
+    secret: bytes | None = None
+
+
+@dataclass
+class _Peer:
+    """Where a peer's API may be reached; the first address that answered goes first."""
+
+    addresses: list[tuple[str, int]] = field(default_factory=list)
+
+    def add(self, address: tuple[str, int]) -> None:
+        if address not in self.addresses:
+            self.addresses.append(address)
+
+    def promote(self, address: tuple[str, int]) -> None:
+        self.addresses.remove(address)
+        self.addresses.insert(0, address)
+
+
+class ClusterService:
+    def __init__(
+        self, identity: NodeIdentity, settings: ClusterSettings, host: str, api_port: int
+    ) -> None:
+        self.identity = identity
+        self.settings = settings
+        self.host = host
+        self.api_port = api_port
+        self.namespace_hash = namespace_hash(settings.namespace)
+        self.view = ClusterView(
+            self_id=identity.node_id,
+            namespace_hash=self.namespace_hash,
+            self_boot_id=identity.boot_id,
+            timing=settings.timing,
+        )
+        self.prober = Prober(
+            node_id=identity.node_id,
+            namespace_hash=self.namespace_hash,
+            bind_host=host,
+            port=api_port,
+            interval=settings.probe_interval,
+            secret=settings.secret,
+            classify_interface=self._interface_kind,
+        )
+        self._peers: dict[str, _Peer] = {}  # node id -> API addresses
+        self._static = list(settings.static_peers)  # polled until their report names them
+        # The last report and ETag per address: an unchanged report costs a 304, not a body.
+        self._cached: dict[tuple[str, int], tuple[str, NodeReport]] = {}
+        self._report = NodeReport(node_id=identity.node_id)
+        self._seq = 0
+        self._commit = _git_commit()
+        self._interfaces: tuple[InterfaceInfo, ...] = ()
+        self._thunderbolt: tuple[ThunderboltLink, ...] = ()
+        self._gpus: tuple[GpuInfo, ...] = ()
+        self._discovery: Discovery | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._client: httpx.AsyncClient | None = None
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(1.0, connect=0.5))
+        self._gpus = _gpus()
+        await self._read_local_hardware()
+        self._refresh_report()
+        await self.prober.start()
+        if self.settings.discovery:
+            loop = asyncio.get_running_loop()
+            self._discovery = Discovery(
+                node_id=self.identity.node_id,
+                namespace=self.settings.namespace,
+                api_port=self.api_port,
+                version=__version__,
+                interfaces=(
+                    list(self.settings.discovery_interfaces)
+                    if self.settings.discovery_interfaces is not None
+                    else None
+                ),
+                advertise_addresses=None,
+                on_peer=lambda a: loop.call_soon_threadsafe(self._on_announcement, a),
+                on_goodbye=lambda nid: loop.call_soon_threadsafe(self._on_goodbye, nid),
+            )
+            await asyncio.to_thread(self._discovery.start)
+        self._tasks = [asyncio.create_task(self._poll_loop(), name="shoal-cluster-poll")]
+
+    async def stop(self) -> None:
+        """Tell peers we are leaving, then stop probing and announcing."""
+        self._stopping = True
+        self._refresh_report(shutting_down=True)
+        await self._send_goodbyes()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._discovery is not None:
+            await asyncio.to_thread(self._discovery.stop)
+        await self.prober.stop()
+        if self._client is not None:
+            await self._client.aclose()
+
+    # -- what the API serves --------------------------------------------------------------
+
+    @property
+    def report(self) -> NodeReport:
+        return self._report
+
+    @property
+    def etag(self) -> str:
+        return f'"{self._report.boot_id}-{self._report.seq}"'
+
+    def accept_goodbye(self, node_id: str, boot_id: str) -> None:
+        self.view.goodbye(node_id, boot_id)
+
+    # -- loops ---------------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        ticks = 0
+        while not self._stopping:
+            started = time.monotonic()
+            if ticks and ticks % 30 == 0:  # cables and addresses change rarely
+                await self._read_local_hardware()
+            self._refresh_report()
+            await self._poll_peers()
+            self.view.refresh(time.time())
+            self.prober.set_targets(self._probe_targets())
+            ticks += 1
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.05, self.settings.poll_interval - elapsed))
+
+    async def _read_local_hardware(self) -> None:
+        self._interfaces = tuple(await asyncio.to_thread(local_interfaces))
+        self._thunderbolt = tuple(await asyncio.to_thread(local_thunderbolt_links))
+
+    async def _poll_peers(self) -> None:
+        jobs = [self._poll_peer(nid, peer) for nid, peer in self._peers.items()]
+        jobs += [self._poll_static(address) for address in self._static]
+        if jobs:
+            await asyncio.gather(*jobs)
+
+    async def _poll_peer(self, node_id: str, peer: _Peer) -> None:
+        for address in list(peer.addresses):
+            report = await self._fetch_report(address)
+            if report is None:
+                continue
+            if report.node_id != node_id:  # that address now belongs to someone else
+                continue
+            peer.promote(address)
+            self._accept(report, address)
+            return
+        self.view.miss(node_id, time.time())
+
+    async def _poll_static(self, address: tuple[str, int]) -> None:
+        report = await self._fetch_report(address)
+        if report is not None and report.node_id != self.identity.node_id:
+            self._accept(report, address)
+
+    async def _fetch_report(self, address: tuple[str, int]) -> NodeReport | None:
+        assert self._client is not None
+        host, port = address
+        url = f"http://{_url_host(host)}:{port}/cluster/report"
+        cached = self._cached.get(address)
+        headers = {"If-None-Match": cached[0]} if cached else {}
+        try:
+            response = await self._client.get(url, headers=headers)
+        except httpx.HTTPError:
+            return None
+        if response.status_code == 304 and cached:
+            return cached[1]
+        if response.status_code != 200:
+            return None
+        if len(response.content) > MAX_REPORT_BYTES:
+            size = len(response.content)
+            log.warning("dropped an oversized report (%d bytes) from %s", size, url)
+            return None
+        try:
+            report = NodeReport.model_validate_json(response.content)
+        except ValidationError as exc:
+            log.warning("dropped a malformed report from %s: %s", url, exc.errors()[:1])
+            return None
+        if etag := response.headers.get("etag"):
+            self._cached[address] = (etag, report)
+        return report
+
+    def _accept(self, report: NodeReport, address: tuple[str, int]) -> None:
+        if report.shutting_down:
+            self.view.goodbye(report.node_id, report.boot_id)
+            return
+        if self.view.accept(report, time.time()):
+            peer = self._peers.setdefault(report.node_id, _Peer())
+            peer.add(address)
+            for advertised in report.addresses:
+                peer.add(_split_host_port(advertised, report.api_port))
+
+    def _on_announcement(self, announcement: PeerAnnouncement) -> None:
+        peer = self._peers.setdefault(announcement.node_id, _Peer())
+        for host in announcement.addresses:
+            peer.add((host, announcement.api_port))
+
+    def _on_goodbye(self, node_id: str) -> None:
+        held = self.view.report_of(node_id)
+        if held is not None:
+            self.view.goodbye(node_id, held.boot_id)
+
+    async def _send_goodbyes(self) -> None:
+        if self._client is None:
+            return
+        body = {"node_id": self.identity.node_id, "boot_id": self.identity.boot_id}
+
+        async def tell(peer: _Peer) -> None:
+            for host, port in peer.addresses[:1]:
+                with contextlib.suppress(httpx.HTTPError):
+                    await self._client.post(
+                        f"http://{_url_host(host)}:{port}/cluster/goodbye", json=body, timeout=0.5
+                    )
+
+        await asyncio.gather(*(tell(p) for nid, p in self._peers.items() if nid in self.alive()))
+
+    def alive(self) -> set[str]:
+        return set(self.view.alive())
+
+    def _probe_targets(self) -> dict[str, list[tuple[str, int]]]:
+        """Every address of every peer ever seen, gone ones too: probing never stops, so the
+        path that was best before a crash is found again when the peer comes back."""
+        targets: dict[str, list[tuple[str, int]]] = {}
+        for node_id, peer in self._peers.items():
+            report = self.view.report_of(node_id)
+            if node_id == self.identity.node_id or report is None:
+                continue
+            hosts = sorted({h for h, _ in peer.addresses})
+            targets[node_id] = [(h, report.api_port) for h in hosts]
+        return targets
+
+    def _interface_kind(self, name: str) -> InterfaceKind:
+        return next((i.kind for i in self._interfaces if i.name == name), InterfaceKind.OTHER)
+
+    # -- our own report ------------------------------------------------------------------
+
+    def _refresh_report(self, shutting_down: bool = False) -> None:
+        ident = self.identity
+        body: dict[str, Any] = dict(
+            node_id=ident.node_id,
+            name=ident.name,
+            boot_id=ident.boot_id,
+            boot_started=ident.boot_started,
+            joined_at=ident.joined_at,
+            pinned_leader=self.settings.pinned_leader,
+            version=__version__,
+            commit=self._commit,
+            protocol=PROTOCOL_VERSION,
+            namespace_hash=self.namespace_hash,
+            flags={"namespace": self.namespace_hash, "protocol": str(PROTOCOL_VERSION)},
+            api_port=self.api_port,
+            addresses=tuple(self._advertised_addresses()),
+            resources=_resources(self._gpus),
+            interfaces=self._interfaces,
+            thunderbolt=self._thunderbolt,
+            links=tuple(self.prober.snapshot(time.time())),
+            shutting_down=shutting_down,
+        )
+        # seq moves only when the content does, so an unchanged report polls as 304.
+        if body != self._report.model_dump(exclude={"seq", "sent_at"}, mode="python"):
+            self._seq += 1
+        self._report = NodeReport(**body, seq=self._seq, sent_at=time.time())
+        self.view.accept(self._report, time.time())
+
+    def _advertised_addresses(self) -> list[str]:
+        if self.host not in ("0.0.0.0", "::", ""):
+            return [f"{_url_host(self.host)}:{self.api_port}"]
+        out = []
+        for info in self._interfaces:
+            for cidr in info.addresses:
+                ip = ipaddress.ip_interface(cidr).ip
+                if ip.version == 4 and not ip.is_loopback:
+                    out.append(f"{ip}:{self.api_port}")
+        return out
+
+
+def _resources(gpus: tuple[GpuInfo, ...]) -> Resources:
+    memory = psutil.virtual_memory()
+    return Resources(
+        ram_total=memory.total,
+        ram_available=memory.available,
+        cpu_count=psutil.cpu_count() or 0,
+        cpu_percent=psutil.cpu_percent(interval=None),
+        gpus=gpus,
+    )
+
+
+def _gpus() -> tuple[GpuInfo, ...]:
+    import torch  # the node already imported it for the engine
+
+    gpus = [
+        GpuInfo(
+            name=torch.cuda.get_device_name(i),
+            backend="cuda",
+            memory_total=torch.cuda.get_device_properties(i).total_memory,
+        )
+        for i in range(torch.cuda.device_count())
+    ]
+    if torch.backends.mps.is_available():
+        gpus.append(GpuInfo(name="Apple GPU", backend="mps"))
+    return tuple(gpus)
+
+
+def _git_commit() -> str | None:
+    """The commit of a source checkout, for drift warnings; None for an installed wheel."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=2,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _split_host_port(address: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return address, default_port
+    return host.strip("[]"), int(port)

@@ -1,0 +1,94 @@
+"""`shoal doctor`: what a node sees of the cluster: nodes, leader, every measured path, drift."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, TextIO
+
+import httpx
+
+from shoal.ops.chat import DEFAULT_API, START_HINT, api_base, error_message
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _short(node_id: str | None, names: dict[str, str]) -> str:
+    if not node_id:
+        return "?"
+    return names.get(node_id, node_id[:8])
+
+
+def render(state: dict[str, Any], out: TextIO) -> None:
+    """The /state document as a report a person reads top to bottom (pure: no I/O but out)."""
+    nodes = state.get("nodes", [])
+    names = {n["node_id"]: n.get("name") or n["node_id"][:8] for n in nodes}
+    leader = state.get("leader")
+    out.write(f"nodes ({len(nodes)}), leader {_short(leader, names)}\n")
+    for n in nodes:
+        marks = ("*" if n.get("is_leader") else " ") + ("@" if n.get("is_self") else " ")
+        res = n.get("resources", {})
+        ram = f"{res.get('ram_available', 0) / 2**30:.1f}/{res.get('ram_total', 0) / 2**30:.1f} GiB"
+        seen = f"seen {n.get('seconds_since_seen', 0):.1f}s ago"
+        out.write(
+            f" {marks} {names[n['node_id']]:<16} {n['node_id']:<18} {n.get('status', '?'):<8}"
+            f" v{n.get('version', '?')}  RAM {ram}  {seen}"
+            + (f"  ({n['gone_reason']})" if n.get("gone_reason") else "")
+            + "\n"
+        )
+        for i in n.get("interfaces", []):
+            if i.get("kind") != "loopback" and i.get("addresses"):
+                out.write(f"      {i['name']:<12} {i['kind']:<12} {', '.join(i['addresses'])}\n")
+    links = state.get("links", [])
+    out.write(f"\npaths ({len(links)}): from -> to, as recorded by one side\n")
+    for row in links:
+        status = "ok" if row.get("recent") else "DOWN"
+        if row.get("one_way"):
+            status = "ONE-WAY"
+        out.write(
+            f"  {_short(row.get('from_node'), names):>12} {row.get('from_addr') or '?':<16}"
+            f" -> {_short(row.get('to_node'), names):<12} {row.get('to_addr') or '?':<16}"
+            f" {row.get('interface_kind', '?'):<11} {row.get('direction', '?'):<8}"
+            f" rtt {_ms(row.get('rtt_ms_ewma'))} ms (p95 {_ms(row.get('rtt_ms_p95'))})"
+            f" loss {100 * (row.get('loss') or 0):.0f}%  {status}"
+            f"  [by {_short(row.get('recorded_by'), names)}]\n"
+        )
+    drift = state.get("drift", [])
+    out.write(f"\ndrift: {'none' if not drift else ''}\n")
+    for line in drift:
+        out.write(f"  ! {line}\n")
+    for refused in state.get("refused", []):
+        out.write(f"  refused {refused.get('node_id')}: {refused.get('reason')}\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    base = api_base(args.api)
+    try:
+        response = httpx.get(f"{base}/state", timeout=5)
+    except httpx.TransportError:
+        print(f"shoal doctor: no node answers at {base}: {START_HINT}", file=sys.stderr)
+        return 2
+    if response.status_code != 200:
+        print(
+            f"shoal doctor: {error_message(response.status_code, response.content)}",
+            file=sys.stderr,
+        )
+        return 1
+    render(response.json(), sys.stdout)
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "doctor", help="show the cluster as a node sees it", description=__doc__
+    )
+    parser.add_argument(
+        "--api",
+        default=os.environ.get("SHOAL_API", DEFAULT_API),
+        help=f"node to ask (env SHOAL_API; default {DEFAULT_API})",
+    )
+    parser.set_defaults(func=run)
+    return parser
