@@ -79,7 +79,9 @@ class Lab:
         self, a: Namespace, a_if: str, a_cidr: str, b: Namespace, b_if: str, b_cidr: str
     ) -> None:
         """A veth pair from a to b with an address on each end."""
-        tmp_a, tmp_b = f"{self.prefix}{a_if}"[:15], f"{self.prefix}{b_if}"[:15]
+        # made in the root namespace under unique temporary names, renamed once moved
+        n = next(_counter)
+        tmp_a, tmp_b = f"shv{os.getpid() % 100000}x{n}a", f"shv{os.getpid() % 100000}x{n}b"
         sh("ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
         for ns, tmp, name, cidr in ((a, tmp_a, a_if, a_cidr), (b, tmp_b, b_if, b_cidr)):
             sh("ip", "link", "set", tmp, "netns", ns.name)
