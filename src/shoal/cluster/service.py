@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -301,7 +302,11 @@ class ClusterService:
             commit=self._commit,
             protocol=PROTOCOL_VERSION,
             namespace_hash=self.namespace_hash,
-            flags={"namespace": self.namespace_hash, "protocol": str(PROTOCOL_VERSION)},
+            flags={
+                "namespace": self.namespace_hash,
+                "protocol": str(PROTOCOL_VERSION),
+                "offline": str(_offline()).lower(),
+            },
             api_port=self.api_port,
             addresses=tuple(self._advertised_addresses()),
             resources=_resources(self._gpus),
@@ -353,6 +358,14 @@ def _gpus() -> tuple[GpuInfo, ...]:
     if torch.backends.mps.is_available():
         gpus.append(GpuInfo(name="Apple GPU", backend="mps"))
     return tuple(gpus)
+
+
+def _offline() -> bool:
+    """Offline mode (no hub downloads) must match across nodes, or placement surprises."""
+    return any(
+        os.environ.get(var, "").lower() in ("1", "true", "yes", "on")
+        for var in ("SHOAL_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 def _git_commit() -> str | None:
