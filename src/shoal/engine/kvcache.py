@@ -36,9 +36,6 @@ class KVCache:
         else:
             self.data = torch.zeros(shape, dtype=dtype, device=device)
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data[index, 0], self.data[index, 1]
-
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's first `length` positions from slot `src` to slot `dst`."""
         if src != dst and length > 0:

@@ -3,6 +3,10 @@
 The model knows nothing about ranks: it holds a contiguous range of layers, plus the embedding
 when it is the first stage and the final norm and LM head when it is the last. Pipeline and
 tensor sharding build on that (gpt-fast style).
+
+Decoding one token costs ~30 small ops per layer on top of the matmuls, so the per-layer math
+is one flat function over the weights rather than nested module calls, and everything that
+depends only on the step (RoPE rows, cache views) is computed once per forward.
 """
 
 from __future__ import annotations
@@ -56,9 +60,10 @@ class Step:
 
 
 class Attention(nn.Module):
+    """Attention weights; Block.forward does the math."""
+
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         # q, k and v in one matmul: fewer kernel launches per decode step.
         self.wqkv = nn.Linear(c.hidden_size, q_size + 2 * kv_size, bias=c.attention_bias)
@@ -66,68 +71,56 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(c.head_dim, eps=c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = nn.RMSNorm(c.head_dim, eps=c.rms_norm_eps) if c.qk_norm else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        step: Step,
-    ) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
-        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qk, v = self.wqkv(x).split([(nh + nkv) * hd, nkv * hd], dim=-1)
-        qk = qk.view(bsz, seqlen, nh + nkv, hd)
-        if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :, :nh]), self.k_norm(qk[:, :, nh:])], dim=2)
-        # q and k heads rotate together: one RoPE pass instead of two.
-        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([nh, nkv], dim=1)
-        v = v.view(bsz, seqlen, nkv, hd).transpose(1, 2)
-
-        k_cache, v_cache = (c[step.row0 : step.row0 + bsz] for c in cache)
-        if step.rows is not None:  # decode rows at different positions
-            k_cache[step.rows, :, step.input_pos[:, 0]] = k[:, :, 0]
-            v_cache[step.rows, :, step.input_pos[:, 0]] = v[:, :, 0]
-        else:  # every row writes the same contiguous positions
-            start = step.start
-            k_cache[:, :, start : start + seqlen] = k
-            v_cache[:, :, start : start + seqlen] = v
-        keys, values = k_cache[:, :, : step.kv_len], v_cache[:, :, : step.kv_len]
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=step.mask, enable_gqa=nh != nkv
-        )
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, nh * hd))
-
 
 class FeedForward(nn.Module):
+    """SwiGLU weights: gate and up projections fused into w13."""
+
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.intermediate_size = c.intermediate_size
         self.w13 = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)  # gate | up
         self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.intermediate_size, dim=-1)
-        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.attention_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.attention = Attention(c)
         self.ffn_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.feed_forward = FeedForward(c)
 
-    def forward(self, x, cos, sin, cache, step):  # noqa: ANN001, ANN201 - hot path
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, step)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, cos, sin, kv, step):  # noqa: ANN001, ANN201 - hot path
+        """x: [B, T, H]; cos/sin: [B, T, heads, hd]; kv: this layer's cache view
+        [2, B, kv_heads, kv_len, hd]."""
+        bsz, seqlen, _ = x.shape
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        a, ff = self.attention, self.feed_forward
+
+        qkv = F.linear(rms_norm(x, self.attention_norm), a.wqkv.weight, a.wqkv.bias)
+        qkv = qkv.view(bsz, seqlen, nh + 2 * nkv, hd)
+        if a.q_norm is not None:
+            q, k, v = qkv.split([nh, nkv, nkv], dim=2)
+            qkv = torch.cat([rms_norm(q, a.q_norm), rms_norm(k, a.k_norm), v], dim=2)
+        # RoPE on all heads in one pass: v's rows of the tables are cos 1, sin 0.
+        qkv = qkv * cos + qkv.roll(hd // 2, -1) * sin
+        q, new_kv = qkv[:, :, :nh].transpose(1, 2), qkv[:, :, nh:].unflatten(2, (2, nkv))
+        if step.rows is None:  # every row writes the same contiguous positions
+            kv.narrow(3, step.start, seqlen).copy_(new_kv.permute(2, 0, 3, 1, 4))
+        else:  # one token per row, each at its own position
+            kv[:, step.rows, :, step.input_pos[:, 0]] = new_kv[:, 0]
+        keys, values = kv
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=step.mask, enable_gqa=nh != nkv
+        )
+        h = x + F.linear(out.transpose(1, 2).reshape(bsz, seqlen, nh * hd), a.wo.weight)
+
+        gate, up = F.linear(rms_norm(h, self.ffn_norm), ff.w13.weight).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, ff.w2.weight)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rms_norm(x: torch.Tensor, n: nn.RMSNorm) -> torch.Tensor:
+    return F.rms_norm(x, n.normalized_shape, n.weight, n.eps)
 
 
 class Transformer(nn.Module):
@@ -155,6 +148,8 @@ class Transformer(nn.Module):
             len(self.layers), max_batch, c.num_kv_heads, max_seq_len, c.head_dim, p.dtype, p.device
         )
         cos, sin = rope_tables(c, max_seq_len)
+        # rotate_half(x) * sin == roll(x, hd/2) * sin with the first half of sin negated.
+        sin = torch.cat([-sin[:, : c.head_dim // 2], sin[:, c.head_dim // 2 :]], dim=-1)
         self.rope_cos, self.rope_sin = cos.to(p.device, p.dtype), sin.to(p.device, p.dtype)
 
     @torch.inference_mode()
@@ -165,12 +160,20 @@ class Transformer(nn.Module):
         all_logits) and hidden states [B, T, H] elsewhere.
         """
         assert self.cache is not None, "call setup_cache() first"
+        c = self.config
         h = self.embed(x) if self.embed is not None else x
-        cos = self.rope_cos[step.input_pos].unsqueeze(1)
-        sin = self.rope_sin[step.input_pos].unsqueeze(1)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, self.cache.layer(i), step)
+        bsz, seqlen = step.input_pos.shape
+        # RoPE rows for q and k heads, then identity rows (cos 1, sin 0) for the v heads.
+        shape = (bsz, seqlen, c.num_heads + c.num_kv_heads, c.head_dim)
+        pad = (0, 0, 0, c.num_kv_heads)
+        cos = F.pad(self.rope_cos[step.input_pos].unsqueeze(2).expand(shape), pad, value=1.0)
+        sin = F.pad(self.rope_sin[step.input_pos].unsqueeze(2).expand(shape), pad, value=0.0)
+        # Every layer's view of this step's cache rows and positions, sliced once.
+        rows = slice(step.row0, step.row0 + bsz)
+        views = self.cache.data[:, :, rows, :, : step.kv_len].unbind(0)
+        for layer, kv in zip(self.layers, views, strict=True):
+            h = layer(h, cos, sin, kv, step)
         if not self.is_last:
             return h
-        h = self.norm(h if all_logits else h[:, -1])
-        return self.lm_head(h)
+        h = rms_norm(h if all_logits else h[:, -1], self.norm)
+        return F.linear(h, self.lm_head.weight)
