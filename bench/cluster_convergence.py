@@ -59,9 +59,10 @@ def launch(nodes: list[tuple[str, int]], mode: str, home: Path) -> list[subproce
 
 def view(host: str, port: int) -> dict[str, Any] | None:
     try:
-        return httpx.get(f"http://{host}:{port}/cluster/nodes", timeout=1).json()
-    except (httpx.HTTPError, ValueError):
+        response = httpx.get(f"http://{host}:{port}/cluster/nodes", timeout=1)
+    except httpx.HTTPError:
         return None
+    return response.json() if response.status_code == 200 else None  # 503: still starting
 
 
 def converged(nodes: list[tuple[str, int]]) -> bool:

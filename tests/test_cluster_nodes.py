@@ -44,9 +44,11 @@ class Cluster:
 
     def nodes(self, host: str) -> dict[str, Any] | None:
         try:
-            return httpx.get(f"http://{host}:{PORT}/cluster/nodes", timeout=2).json()
-        except (httpx.HTTPError, ValueError):
+            response = httpx.get(f"http://{host}:{PORT}/cluster/nodes", timeout=2)
+        except httpx.HTTPError:
             return None
+        # 503 while a starting node's cluster service is not up yet
+        return response.json() if response.status_code == 200 else None
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
