@@ -8,13 +8,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,16 +70,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop_all()
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
-    """Seconds until check() holds; fails the test with `what` after timeout."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if check():
-            return time.monotonic() - start
-        time.sleep(0.1)
-    pytest.fail(f"{what} did not happen within {timeout} s")
 
 
 def statuses(doc: dict[str, Any] | None) -> dict[str, str]:

@@ -12,12 +12,14 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
 from netns import Lab, Namespace, require_netns
+from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,15 +34,6 @@ def get(ns: Namespace, path: str, port: int = PORT) -> dict[str, Any] | None:
     if out.returncode != 0:
         return None
     return json.loads(out.stdout)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if check():
-            return time.monotonic() - start
-        time.sleep(0.25)
-    pytest.fail(f"{what} did not happen within {timeout} s")
 
 
 @pytest.fixture
