@@ -123,7 +123,7 @@ def options_to(peer_node_id: str, links: Iterable[PathStats]) -> list[PathOption
     """One node's outbound path records to a peer, as options (addresses without ports)."""
     return [
         PathOption(
-            peer_addr=_host(p.peer_addr),
+            peer_addr=host_of(p.peer_addr),
             interface_kind=p.interface_kind,
             interface_name=p.local_interface,
             rtt_ms=p.rtt_ms_ewma,
@@ -134,7 +134,7 @@ def options_to(peer_node_id: str, links: Iterable[PathStats]) -> list[PathOption
     ]
 
 
-def _host(address: str) -> str:
+def host_of(address: str) -> str:
     """'10.0.0.2:52415' or '[fe80::1%en5]:52415' -> the host part."""
     if address.startswith("["):
         return address[1 : address.index("]")]
