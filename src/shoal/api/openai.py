@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 import jinja2
 from fastapi import APIRouter, Request
@@ -52,6 +53,15 @@ class Job:
     name: str  # the model id as the client asked for it, echoed in every response
     id: str
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def envelope(self) -> dict[str, Any]:
+        """The fields every response and chunk of this request carries."""
+        return dict(
+            id=self.id,
+            created=self.created,
+            model=self.name,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+        )
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """The generation's events; a failed generation raises ApiError(500)."""
@@ -158,28 +168,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return EventStream(_chat_events(job, body.include_usage))
     text, last = await job.collect()
     choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=last.finish_reason)
-    result = ChatCompletion(
-        id=job.id,
-        created=job.created,
-        model=job.name,
-        system_fingerprint=SYSTEM_FINGERPRINT,
-        choices=[choice],
-        usage=_usage(last),
-    )
+    result = ChatCompletion(**job.envelope(), choices=[choice], usage=_usage(last))
     return Response(result.model_dump_json(), media_type="application/json")
 
 
 def _chat_chunk(
     job: Job, choices: list[ChatChunkChoice], usage: Usage | None = None
 ) -> ChatCompletionChunk:
-    return ChatCompletionChunk(
-        id=job.id,
-        created=job.created,
-        model=job.name,
-        system_fingerprint=SYSTEM_FINGERPRINT,
-        choices=choices,
-        usage=usage,
-    )
+    return ChatCompletionChunk(**job.envelope(), choices=choices, usage=usage)
 
 
 async def _chat_events(job: Job, include_usage: bool) -> AsyncGenerator[str, None]:
@@ -225,14 +221,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 def _completion(
     job: Job, choices: list[CompletionChoice], usage: Usage | None = None
 ) -> Completion:
-    return Completion(
-        id=job.id,
-        created=job.created,
-        model=job.name,
-        system_fingerprint=SYSTEM_FINGERPRINT,
-        choices=choices,
-        usage=usage,
-    )
+    return Completion(**job.envelope(), choices=choices, usage=usage)
 
 
 async def _completion_events(job: Job, include_usage: bool) -> AsyncGenerator[str, None]:

@@ -267,10 +267,8 @@ class ClusterService:
                         f"http://{_url_host(host)}:{port}/cluster/goodbye", json=body, timeout=0.5
                     )
 
-        await asyncio.gather(*(tell(p) for nid, p in self._peers.items() if nid in self.alive()))
-
-    def alive(self) -> set[str]:
-        return set(self.view.alive())
+        alive = set(self.view.alive())
+        await asyncio.gather(*(tell(p) for nid, p in self._peers.items() if nid in alive))
 
     def _probe_targets(self) -> dict[str, list[tuple[str, int]]]:
         """Every address of every peer ever seen, gone ones too: probing never stops, so the

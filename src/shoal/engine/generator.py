@@ -12,7 +12,6 @@ import collections
 import itertools
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -50,7 +49,6 @@ class Sequence:
     rng: torch.Generator | None = None
     cancelled: bool = False
     finish_reason: str | None = None
-    submitted_at: float = field(default_factory=time.monotonic)
 
     @property
     def length(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -73,8 +74,6 @@ class ServedModel:
         self, prompt: list[int], params: SamplingParams, timeout: float = 120.0
     ) -> list[Event]:
         """Run one request to the end from a non-async thread (startup warm-up, tools)."""
-        import threading
-
         events: list[Event] = []
         done = threading.Event()
 
