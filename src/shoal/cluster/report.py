@@ -113,3 +113,77 @@ class NodeReport(Model):
     links: tuple[PathStats, ...] = ()
     shutting_down: bool = False  # a clean stop: peers drop this node at once
     sent_at: float = 0.0  # unix time the report was produced
+    models: tuple[HeldModel, ...] = ()
+    auto_place: tuple[AutoPlace, ...] = ()
+    runners: tuple[RunnerState, ...] = ()
+    plan: ClusterPlan | None = None  # only the leader's counts
+
+
+# -- instances: what the leader plans and what each node runs ----------------------------------
+
+
+class HeldModel(Model):
+    """A model this node can load from its own disk: what placement may assign to it."""
+
+    model_id: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    weight_bytes: int  # bytes the weights take once loaded on this node's device and dtype
+    dtype_bytes: int = 4
+    context_length: int = 0
+    files_digest: str | None = None  # filled by the model store (manifests) later
+
+
+class AutoPlace(Model):
+    """`shoal run --model X --min-nodes N`: the leader places X once N nodes hold it."""
+
+    model_id: str
+    min_nodes: int = 2
+    sharding: str = "pipeline"  # pipeline | tensor
+    backend: str = "gloo"  # gloo | nccl
+
+
+class InstanceSpec(Model):
+    """One placed instance: a model split over nodes in rank order."""
+
+    instance_id: str
+    model_id: str
+    sharding: str = "pipeline"  # pipeline | tensor
+    backend: str = "gloo"  # gloo | nccl
+    meta: str = "GlooInstance"  # the instance meta name shown in /state (exo-style)
+    nodes: tuple[str, ...] = ()  # rank order
+    layer_ranges: tuple[tuple[int, int], ...] = ()  # [start, end) per rank
+    store_address: str = ""  # rank 0's host that every rank dials (TCPStore)
+    store_port: int = 0
+    rank_addresses: tuple[str, ...] = ()  # where each rank is reached
+    rank_interfaces: tuple[str | None, ...] = ()  # GLOO/NCCL_SOCKET_IFNAME per rank
+    created_at: float = 0.0
+
+
+class ClusterPlan(Model):
+    """Written only by the leader; newest (term, version) wins everywhere."""
+
+    term: int = 0
+    version: int = 0
+    leader: str = ""
+    instances: tuple[InstanceSpec, ...] = ()
+
+
+class RunnerState(Model):
+    """One runner subprocess on this node, as its node reports it."""
+
+    runner_id: str
+    instance_id: str
+    model_id: str = ""
+    rank: int = 0
+    status: str = "idle"  # idle connecting loading warming ready running failed stopped
+    reason: str | None = None
+    port: int | None = None  # rank 0: its OpenAI endpoint's port
+    pid: int | None = None
+    since: float = 0.0
+
+
+NodeReport.model_rebuild()
