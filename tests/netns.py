@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import itertools
 import os
+import selectors
 import shutil
 import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
 
 _counter = itertools.count()
+TUNWIRE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tunwire.py")
 
 
 def require_netns() -> None:
@@ -60,6 +65,12 @@ class Namespace:
         )
 
 
+def _is_up(ns: Namespace, ifname: str) -> bool:
+    out = ns.run("ip", "-o", "link", "show", "dev", ifname, check=False)
+    flags = out.stdout.partition("<")[2].partition(">")[0].split(",")
+    return out.returncode == 0 and "UP" in flags
+
+
 @dataclass
 class Lab:
     """A set of namespaces for one test; use as a context manager."""
@@ -88,6 +99,49 @@ class Lab:
             ns.run("ip", "link", "set", tmp, "name", name)
             ns.run("ip", "addr", "add", cidr, "dev", name)
             ns.run("ip", "link", "set", name, "up")
+
+    def slow_cable(
+        self,
+        a: Namespace,
+        a_if: str,
+        a_cidr: str,
+        b: Namespace,
+        b_if: str,
+        b_cidr: str,
+        rtt_ms: float = 40.0,
+        mtu: int = 1500,
+        timeout: float = 15.0,
+    ) -> subprocess.Popen:
+        """A delayed point-to-point link (no netem here): a tunwire.py process joins a TUN
+        device in each namespace, each way rtt_ms/2. Give prefixes that hold both ends
+        (e.g. /30). Returns once both ends are up; the wire stops with the Lab.
+        """
+        args = [
+            sys.executable, TUNWIRE, "--a", a.name, "--a-if", a_if, "--a-cidr", a_cidr,
+            "--b", b.name, "--b-if", b_if, "--b-cidr", b_cidr, "--rtt-ms", str(rtt_ms),
+            "--mtu", str(mtu), "--parent", str(os.getpid()),
+        ]  # fmt: skip
+        err = tempfile.TemporaryFile()  # noqa: SIM115 - read only when the wire fails
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+        self.processes.append(proc)
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            ready = bool(sel.select(timeout)) and proc.stdout.readline().strip() == b"ready"
+        proc.stdout.close()  # the wire says nothing more
+        deadline = time.monotonic() + timeout
+        while ready and not all(_is_up(ns, name) for ns, name in ((a, a_if), (b, b_if))):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                ready = False
+            time.sleep(0.05)
+        if not ready:
+            proc.kill()
+            proc.wait(timeout=5)
+            err.seek(0)
+            detail = err.read().decode(errors="replace").strip()
+            raise RuntimeError(f"tun wire {a.name}/{a_if} <-> {b.name}/{b_if} not up: {detail}")
+        err.close()
+        return proc
 
     def start(
         self, ns: Namespace, args: Sequence[str], env: dict[str, str], log_path: str
