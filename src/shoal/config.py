@@ -81,6 +81,14 @@ class RunSettings:
     device: str = _flag("auto", "where the model runs", ("auto", "cpu", "cuda"))
     max_batch: int = _flag(4, "sequences decoded together (KV cache slots)")
     max_seq_len: int | None = _flag(None, "context window in tokens (default: the model's)")
+    min_nodes: int = _flag(
+        1,
+        "1: serve --model on this node alone; N > 1: place it across N nodes that hold it "
+        "(pipeline over torch.distributed) once the leader sees them",
+    )
+    sharding: str = _flag(
+        "pipeline", "how --min-nodes > 1 splits the model", ("pipeline", "tensor")
+    )
     log_level: str = _flag("info", "log verbosity", ("debug", "info", "warning", "error"))
     node_name: str | None = _flag(None, "friendly name of this node (default: the hostname)")
     namespace: str = _flag("default", "cluster name: nodes of another namespace never join")
@@ -107,6 +115,8 @@ class RunSettings:
                 f"--suspect-after {self.suspect_after} and --gone-after {self.gone_after}: "
                 "use 0 < suspect-after < gone-after"
             )
+        if self.min_nodes < 1:
+            raise StartupError(f"--min-nodes {self.min_nodes} is too small: use 1 or more")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise StartupError(f"--max-seq-len {self.max_seq_len} is too small: use 2 or more")
 

@@ -25,11 +25,15 @@ from shoal import __version__
 from shoal.api.app import create_app
 from shoal.cluster.discovery import local_addresses, parse_static_peers, resolve_interfaces
 from shoal.cluster.identity import load_identity
+from shoal.cluster.report import AutoPlace, HeldModel
 from shoal.cluster.service import ClusterService, ClusterSettings
 from shoal.cluster.view import Timing
 from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError
+from shoal.control import Controller
 from shoal.engine.serving import ServedModel, pick_device
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
+from shoal.models.local import LocalModel, local_models
+from shoal.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,13 @@ class Node:
     def __init__(self, settings: RunSettings) -> None:
         self.settings = settings
         self.choice = choose_model(settings)  # a bad --model fails before the port is taken
+        if settings.min_nodes > 1 and self.choice is None:
+            raise StartupError(
+                f"--min-nodes {settings.min_nodes} needs a model to place: pass --model (a "
+                "GGUF file, a Hugging Face dir, or leave it out for the bundled model)"
+            )
+        self.device = pick_device(settings.device)
+        self.held = self._local_models()
         self._models: dict[str, ServedModel] = {}
         self._ready = False
         self._not_ready_reason = "the node is starting"
@@ -85,11 +96,39 @@ class Node:
         self.identity = load_identity(settings.paths.data, settings.node_name)
         self.cluster_settings = cluster_settings(settings)
         self.cluster: ClusterService | None = None
+        self.controller: Controller | None = None
+        self.worker = Worker(
+            self.identity.node_id,
+            self.held,
+            WorkerSettings(
+                serve_host=settings.host,
+                device=self.device,
+                max_batch=settings.max_batch,
+                max_seq_len=settings.max_seq_len,
+                tokenizer_cache=settings.paths.tokenizer_cache,
+            ),
+        )
         self.app = create_app(self)
 
     @property
     def models(self) -> Mapping[str, ServedModel]:
         return self._models
+
+    def _local_models(self) -> dict[str, LocalModel]:
+        choice = self.choice
+        try:
+            return local_models((choice.id, choice.path) if choice else None, self.device)
+        except Exception as exc:  # the same one line as a failed load, before the port is taken
+            log.debug("reading %s failed", choice.path if choice else "-", exc_info=True)
+            raise StartupError(
+                f"cannot load {choice.path if choice else 'the bundled model'}: "
+                f"{type(exc).__name__}: {exc}; pass --model a Llama-family GGUF file or Hugging "
+                "Face model directory (--log-level debug shows the traceback)"
+            ) from None
+
+    @property
+    def held_models(self) -> Mapping[str, HeldModel]:
+        return {m: local.held for m, local in self.held.items()}
 
     @property
     def ready(self) -> bool:
@@ -129,9 +168,9 @@ class Node:
 
     def load(self) -> None:
         choice = self.choice
-        if choice is None:
+        if choice is None or self.settings.min_nodes > 1:  # placed across nodes, not here
             return
-        device = pick_device(self.settings.device)
+        device = self.device
         if device == "cuda" and not torch.cuda.is_available():
             raise StartupError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
         self._not_ready_reason = f"loading {choice.id}"
@@ -182,14 +221,24 @@ class Node:
         if self._server.started:
             host, port = sock.getsockname()[:2]
             self.cluster = ClusterService(self.identity, self.cluster_settings, host, port)
+            self.controller = Controller(
+                self.cluster, self.worker, self._auto_place(), self.settings.max_seq_len
+            )
             await self.cluster.start()
         try:
             if self._server.started and await asyncio.to_thread(self.warm_up) and on_ready:
                 on_ready()
             await serving
         finally:
+            await asyncio.to_thread(self.worker.stop_all)  # runners end before we say goodbye
             if self.cluster is not None:
                 await self.cluster.stop()  # goodbyes to peers, mDNS goodbye, sockets closed
+
+    def _auto_place(self) -> tuple[AutoPlace, ...]:
+        if self.choice is None or self.settings.min_nodes < 2:
+            return ()
+        s = self.settings
+        return (AutoPlace(model_id=self.choice.id, min_nodes=s.min_nodes, sharding=s.sharding),)
 
     def stop(self) -> None:
         """Ask a serving node to shut down (from any thread)."""

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from shoal import __version__
-from shoal.api import cluster, openai
+from shoal.api import cluster, instances, openai
 from shoal.api.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected
 from shoal.api.host import ModelHost
 
@@ -17,6 +17,7 @@ def create_app(host: ModelHost) -> FastAPI:
     app.add_middleware(CatchUnexpected)
     app.include_router(openai.router)
     app.include_router(cluster.router)
+    app.include_router(instances.router)
 
     @app.get("/health", response_model=None)
     async def health() -> JSONResponse:

@@ -54,7 +54,14 @@ async def goodbye(body: Goodbye, request: Request) -> Response:
 @router.get("/state")
 async def state(request: Request) -> dict[str, Any]:
     cluster = _cluster(request)
-    return state_document(cluster.view, cluster.report, time.time())
+    document = state_document(cluster.view, cluster.report, time.time())
+    controller = getattr(request.app.state.host, "controller", None)
+    if controller is not None:
+        document["instances"] = controller.instances_document()
+        document["runners"] = {rid: s.model_dump() for rid, s in controller.runner_states().items()}
+        document["plan"] = {"term": controller.plan.term, "version": controller.plan.version,
+                            "leader": controller.plan.leader}  # fmt: skip
+    return document
 
 
 @router.get("/cluster/nodes")

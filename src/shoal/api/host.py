@@ -29,3 +29,8 @@ class ModelHost(Protocol):
     def cluster(self) -> ClusterService | None:
         """This node's cluster service, once the API is up."""
         ...
+
+
+# A node also offers `controller` (shoal.control.Controller | None: instances across nodes)
+# and `held_models` (model id -> HeldModel on this disk); a runner's rank-0 endpoint does
+# not, so the routes read both with getattr.

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from shoal import __version__
+from shoal.api import proxy
 from shoal.api.errors import ApiError, invalid_request
 from shoal.api.host import ModelHost
 from shoal.api.schemas import (
@@ -87,11 +88,27 @@ def _host(request: Request) -> ModelHost:
     return request.app.state.host
 
 
+def _placed(request: Request, name: str) -> bool:
+    """A model served by an instance across nodes rather than by this process."""
+    host = _host(request)
+    controller = getattr(host, "controller", None)
+    return name not in host.models and controller is not None and name in controller.models_served()
+
+
+async def _proxy(request: Request, name: str, path: str) -> Response:
+    controller = _host(request).controller
+    return await proxy.forward(request, await proxy.endpoint_for(controller, name), path)
+
+
 def _find_model(host: ModelHost, name: str) -> ServedModel:
     models = host.models
     if name in models:
         return models[name]
-    served = ", ".join(sorted(models)) or "none yet (start shoal run with --model)"
+    controller = getattr(host, "controller", None)
+    placed = controller.models_served() if controller is not None else []
+    served = ", ".join(sorted([*models, *placed])) or (
+        "none yet (start shoal run with --model, or place an instance: POST /instance)"
+    )
     raise ApiError(
         404,
         f"The model '{name}' is not served here. Served models: {served}.",
@@ -155,6 +172,8 @@ def _usage(event: Event) -> Usage:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    if _placed(request, body.model):
+        return await _proxy(request, body.model, "/v1/chat/completions")
     messages = [m.model_dump() for m in body.messages]
     job = _admit(
         _host(request),
@@ -201,6 +220,8 @@ async def _chat_events(job: Job, include_usage: bool) -> AsyncGenerator[str, Non
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response:
+    if _placed(request, body.model):
+        return await _proxy(request, body.model, "/v1/completions")
     job = _admit(
         _host(request),
         body,
@@ -246,10 +267,34 @@ def _card(model_id: str, model: ServedModel) -> ModelCard:
 
 
 @router.get("/models")
-async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_card(name, m) for name, m in _host(request).models.items()])
+async def list_models(request: Request, status: str | None = None) -> ModelList:
+    """Served models; `?status=downloaded` lists the models this node holds on disk."""
+    host = _host(request)
+    controller = getattr(host, "controller", None)
+    if status == "downloaded":
+        held = host.held_models if hasattr(host, "held_models") else {}
+        return ModelList(data=[ModelCard(id=m, created=0, context_length=h.context_length)
+                               for m, h in sorted(held.items())])  # fmt: skip
+    if status not in (None, ""):
+        raise invalid_request("status must be 'downloaded' or left out.", param="status")
+    cards = [_card(name, m) for name, m in host.models.items()]
+    if controller is not None:
+        cards += [_placed_card(controller, m) for m in controller.models_served()
+                  if m not in host.models]  # fmt: skip
+    return ModelList(data=cards)
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    return _card(model_id, _find_model(_host(request), model_id))
+    host = _host(request)
+    if _placed(request, model_id):
+        return _placed_card(host.controller, model_id)
+    return _card(model_id, _find_model(host, model_id))
+
+
+def _placed_card(controller: Any, model_id: str) -> ModelCard:
+    instance = next(i for i in controller.plan.instances if i.model_id == model_id)
+    held = next((m for r in controller.reports() for m in r.models if m.model_id == model_id),
+                None)  # fmt: skip
+    return ModelCard(id=model_id, created=int(instance.created_at),
+                     context_length=held.context_length if held else None)  # fmt: skip

@@ -157,7 +157,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "shoal"
-    context_length: int
+    context_length: int | None = None
 
 
 class ModelList(BaseModel):

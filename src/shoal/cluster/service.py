@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,9 @@ class ClusterService:
         self._tasks: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
         self._stopping = False
+        # Hooks for the node's plan controller: extra report fields, and a call per poll tick.
+        self.report_extras: Callable[[], dict[str, Any]] = dict
+        self.on_tick: Callable[[], None] = lambda: None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -162,6 +166,21 @@ class ClusterService:
     def etag(self) -> str:
         return f'"{self._report.boot_id}-{self._report.seq}"'
 
+    def refresh_report(self) -> None:
+        """Publish a change now rather than at the next tick."""
+        self._refresh_report()
+
+    def address_of(self, node_id: str) -> tuple[str, int] | None:
+        """Where this node reaches a node's API (host ready for a URL), ourselves included."""
+        if node_id == self.identity.node_id:
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+            return _url_host(host), self.api_port
+        peer = self._peers.get(node_id)
+        if peer is None or not peer.addresses:
+            return None
+        host, port = peer.addresses[0]
+        return _url_host(host), port
+
     def accept_goodbye(self, node_id: str, boot_id: str) -> None:
         self.view.goodbye(node_id, boot_id)
 
@@ -177,6 +196,10 @@ class ClusterService:
             await self._poll_peers()
             self.view.refresh(time.time())
             self.prober.set_targets(self._probe_targets())
+            try:
+                self.on_tick()
+            except Exception:  # the plan side failing must never stop the cluster loop
+                log.exception("plan tick failed")
             ticks += 1
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.05, self.settings.poll_interval - elapsed))
@@ -312,6 +335,7 @@ class ClusterService:
             thunderbolt=self._thunderbolt,
             links=tuple(self.prober.snapshot(time.time())),
             shutting_down=shutting_down,
+            **self.report_extras(),
         )
         # seq moves only when the content does, so an unchanged report polls as 304.
         if body != self._report.model_dump(exclude={"seq", "sent_at"}, mode="python"):

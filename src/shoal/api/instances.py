@@ -1,0 +1,182 @@
+"""Instance routes, shaped like exo's so operators' scripts keep working.
+
+GET /instance/placement and /instance/previews compute layouts on this node's view; POST
+/instance and DELETE /instance/{id} change the plan on the leader (a follower forwards them and
+returns the leader's answer); GET /instance/{id} shows one instance with its runners' status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict
+
+from shoal.api.errors import ApiError, invalid_request
+from shoal.cluster.plan import (
+    instance_document,
+    parse_instance_document,
+    parse_meta,
+    parse_sharding,
+)
+from shoal.control import Controller, NotLeader, PlaceAsk
+from shoal.placement.planner import Refusal
+
+router = APIRouter()
+
+
+class CreateInstance(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    instance: dict[str, Any]
+
+
+def _controller(request: Request) -> Controller:
+    controller = getattr(request.app.state.host, "controller", None)
+    if controller is None:
+        raise ApiError(
+            503,
+            "The cluster service is not running on this node yet.",
+            code="no_cluster",
+            type="service_unavailable",
+        )
+    return controller
+
+
+def _ask(
+    model_id: str,
+    sharding: str | None,
+    meta: str | None,
+    min_nodes: int,
+    node_ids: str | None = None,
+) -> PlaceAsk:
+    try:
+        backend, meta_name = parse_meta(meta)
+        shard = parse_sharding(sharding)
+    except ValueError as exc:
+        raise invalid_request(
+            f"{exc}.", param="instance_meta" if "meta" in str(exc) else "sharding"
+        ) from None
+    if min_nodes < 1:
+        raise invalid_request("min_nodes must be at least 1.", param="min_nodes")
+    nodes = frozenset(n.strip() for n in node_ids.split(",") if n.strip()) if node_ids else None
+    return PlaceAsk(model_id, shard, backend, meta_name, min_nodes=min_nodes, nodes=nodes)
+
+
+def _refusal_text(refusal: Refusal) -> str:
+    lines = [f"[{', '.join(r.nodes)}] {r.reason}" if r.nodes else r.reason for r in refusal.reasons]
+    return "; ".join(lines) or "no candidate node set"
+
+
+@router.get("/instance/placement")
+async def placement(
+    request: Request,
+    model_id: str = Query(...),
+    sharding: str | None = Query(None),
+    instance_meta: str | None = Query(None),
+    min_nodes: int = Query(1),
+) -> dict[str, Any]:
+    result = _controller(request).place(_ask(model_id, sharding, instance_meta, min_nodes))
+    if isinstance(result, Refusal):
+        raise ApiError(
+            400, f"No placement for {model_id}: {_refusal_text(result)}.", code="no_placement"
+        )
+    return instance_document(result)
+
+
+@router.get("/instance/previews")
+async def previews(
+    request: Request, model_id: str = Query(...), node_ids: str | None = Query(None)
+) -> dict[str, Any]:
+    controller = _controller(request)
+    alive = len(controller.reports())
+    out = []
+    for sharding in ("Pipeline", "Tensor"):
+        for meta in ("GlooInstance", "NcclInstance"):
+            for n in range(1, alive + 1):
+                result = controller.place(_ask(model_id, sharding, meta, n, node_ids))
+                ok = not isinstance(result, Refusal)
+                out.append(
+                    {
+                        "model_id": model_id,
+                        "sharding": sharding,
+                        "instance_meta": meta,
+                        "min_nodes": n,
+                        "instance": instance_document(result) if ok else None,
+                        "error": None if ok else _refusal_text(result),
+                    }
+                )
+    return {"previews": out}
+
+
+@router.post("/instance")
+async def create_instance(body: CreateInstance, request: Request) -> Response:
+    controller = _controller(request)
+    try:
+        model_id, sharding, meta, nodes = parse_instance_document(body.instance)
+    except ValueError as exc:
+        raise invalid_request(f"Invalid instance: {exc}.", param="instance") from None
+    if not controller.is_leader():
+        return await _forward(controller, "POST", "/instance", body.model_dump())
+    ask = _ask(model_id, sharding, meta, len(nodes))
+    ask = dataclasses.replace(ask, max_nodes=len(nodes), nodes=frozenset(nodes))
+    result = controller.place(ask)
+    if isinstance(result, Refusal):  # the view changed since the layout was computed
+        raise ApiError(
+            409,
+            f"The instance no longer fits the cluster: {_refusal_text(result)}.",
+            code="no_placement",
+        )
+    controller.create(result)
+    return _command(result.instance_id)
+
+
+@router.get("/instance/{instance_id}")
+async def get_instance(instance_id: str, request: Request) -> dict[str, Any]:
+    controller = _controller(request)
+    instance = controller.instance(instance_id)
+    if instance is None:
+        raise ApiError(404, f"No instance {instance_id}.", code="instance_not_found")
+    return instance_document(instance, controller.runner_states())
+
+
+@router.delete("/instance/{instance_id}")
+async def delete_instance(instance_id: str, request: Request) -> Response:
+    controller = _controller(request)
+    if not controller.is_leader():
+        return await _forward(controller, "DELETE", f"/instance/{instance_id}")
+    if not controller.delete(instance_id):
+        raise ApiError(404, f"No instance {instance_id}.", code="instance_not_found")
+    return _command(instance_id)
+
+
+def _command(instance_id: str) -> Response:
+    body = {
+        "message": "Command received.",
+        "command_id": str(uuid.uuid4()),
+        "instance_id": instance_id,
+    }
+    return Response(json.dumps(body), media_type="application/json")
+
+
+async def _forward(controller: Controller, method: str, path: str, body: Any = None) -> Response:
+    try:
+        answer = await controller.forward(method, path, body)
+    except (NotLeader, httpx.HTTPError) as exc:
+        raise ApiError(
+            503,
+            f"Cannot reach the leader to change the plan: {exc}. Retry in a "
+            "few seconds, or send the request to the leader (GET /state names "
+            "it).",
+            code="leader_unreachable",
+            type="service_unavailable",
+        ) from None
+    return Response(
+        answer.content,
+        status_code=answer.status_code,
+        media_type=answer.headers.get("content-type", "application/json"),
+    )

@@ -1,0 +1,285 @@
+"""The cluster plan: which instances exist and where their ranks run. Pure functions only.
+
+Only the leader writes the plan; it travels inside the leader's report and every node adopts
+the newest one it has seen, ordered by (term, version). A node that becomes leader starts from
+that newest plan with a higher term, so a leader change never tears down healthy instances.
+
+The instance documents here are shaped like exo's so operators' scripts keep working:
+`{<meta name>: {instanceId, modelId, nodeToRunner, runnerToShard, hostsByNode, ...}}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from shoal.cluster.report import (
+    AutoPlace,
+    ClusterPlan,
+    HeldModel,
+    InstanceSpec,
+    NodeReport,
+    RunnerState,
+)
+from shoal.placement.planner import ModelSpec, Placement, PlacementRequest
+
+# Instance meta names: shoal's own, and exo's accepted as aliases (ring -> gloo, jaccl -> nccl).
+META_BACKEND = {
+    "gloo": "gloo",
+    "nccl": "nccl",
+    "glooinstance": "gloo",
+    "ncclinstance": "nccl",
+    "mlxringinstance": "gloo",
+    "mlxjacclinstance": "nccl",
+}
+META_NAME = {"gloo": "GlooInstance", "nccl": "NcclInstance"}
+SHARD_META = {"pipeline": "PipelineShardMetadata", "tensor": "TensorShardMetadata"}
+STORE_PORTS = (41000, 48999)  # TCPStore ports, picked per instance id
+
+
+def parse_meta(text: str | None) -> tuple[str, str]:
+    """An instance_meta value -> (backend, meta name shown in /state)."""
+    backend = META_BACKEND.get((text or "gloo").strip().lower())
+    if backend is None:
+        names = ", ".join(
+            ["gloo", "nccl", *META_NAME.values(), "MlxRingInstance", "MlxJacclInstance"]
+        )
+        raise ValueError(f"unknown instance_meta {text!r}; use one of {names}")
+    named = text is not None and text.strip().lower().endswith("instance")
+    return backend, (text.strip() if named and text else META_NAME[backend])
+
+
+def parse_sharding(text: str | None) -> str:
+    sharding = (text or "pipeline").strip().lower()
+    if sharding not in SHARD_META:
+        raise ValueError(f"unknown sharding {text!r}; use Pipeline or Tensor")
+    return sharding
+
+
+# ---- plans ------------------------------------------------------------------------------------
+
+
+def plan_key(plan: ClusterPlan | None) -> tuple[int, int]:
+    return (plan.term, plan.version) if plan else (-1, -1)
+
+
+def newest_plan(held: ClusterPlan | None, reports: Iterable[NodeReport]) -> ClusterPlan:
+    """The newest plan among the one this node adopted and those its peers publish."""
+    plans = [p for p in (held, *(r.plan for r in reports)) if p is not None]
+    return max(plans, key=plan_key, default=ClusterPlan())
+
+
+def lead(adopted: ClusterPlan, self_id: str) -> ClusterPlan:
+    """This node is leader: keep the adopted plan, under a term of its own."""
+    if adopted.leader == self_id:
+        return adopted
+    return adopted.model_copy(update={"term": adopted.term + 1, "version": 0, "leader": self_id})
+
+
+def with_instance(plan: ClusterPlan, instance: InstanceSpec) -> ClusterPlan:
+    kept = tuple(i for i in plan.instances if i.instance_id != instance.instance_id)
+    return plan.model_copy(update={"version": plan.version + 1, "instances": (*kept, instance)})
+
+
+def without_instance(plan: ClusterPlan, instance_id: str) -> ClusterPlan:
+    kept = tuple(i for i in plan.instances if i.instance_id != instance_id)
+    return plan.model_copy(update={"version": plan.version + 1, "instances": kept})
+
+
+def find_instance(plan: ClusterPlan, instance_id: str) -> InstanceSpec | None:
+    return next((i for i in plan.instances if i.instance_id == instance_id), None)
+
+
+def runner_id(instance_id: str, rank: int) -> str:
+    return f"{instance_id}-r{rank}"
+
+
+def desired_runners(plan: ClusterPlan, node_id: str) -> dict[str, tuple[InstanceSpec, int]]:
+    """runner id -> (instance, rank) for every rank the plan puts on this node."""
+    return {
+        runner_id(i.instance_id, rank): (i, rank)
+        for i in plan.instances
+        for rank, node in enumerate(i.nodes)
+        if node == node_id
+    }
+
+
+def pending_auto_places(reports: Sequence[NodeReport], plan: ClusterPlan) -> list[AutoPlace]:
+    """`--min-nodes` requests whose model has no instance yet (one per model)."""
+    placed = {i.model_id for i in plan.instances}
+    out: dict[str, AutoPlace] = {}
+    for r in sorted(reports, key=lambda r: r.node_id):
+        for want in r.auto_place:
+            if want.model_id not in placed and want.model_id not in out:
+                out[want.model_id] = want
+    return list(out.values())
+
+
+# ---- placement inputs and outputs -------------------------------------------------------------
+
+
+def model_spec(held: HeldModel) -> ModelSpec:
+    return ModelSpec(
+        model_id=held.model_id,
+        num_layers=held.num_layers,
+        hidden_size=held.hidden_size,
+        num_heads=held.num_heads,
+        num_kv_heads=held.num_kv_heads,
+        head_dim=held.head_dim,
+        weight_bytes=held.weight_bytes,
+        dtype_bytes=held.dtype_bytes,
+    )
+
+
+def holders(reports: Iterable[NodeReport], model_id: str) -> dict[str, HeldModel]:
+    """Nodes that hold the model on disk, with what each says about it."""
+    return {r.node_id: m for r in reports for m in r.models if m.model_id == model_id}
+
+
+def store_port(instance_id: str) -> int:
+    low, high = STORE_PORTS
+    digest = int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:4], "big")
+    return low + digest % (high - low + 1)
+
+
+def interface_for(report: NodeReport | None, host: str) -> str | None:
+    """The interface of a node that holds an address: exact match first, then its subnet."""
+    if report is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+    for exact in (True, False):
+        for info in report.interfaces:
+            for cidr in info.addresses:
+                iface = ipaddress.ip_interface(cidr)
+                if (iface.ip == ip) if exact else (ip in iface.network):
+                    return info.name
+    return None
+
+
+def instance_from_placement(
+    placement: Placement,
+    request: PlacementRequest,
+    *,
+    instance_id: str,
+    meta: str,
+    reports: Mapping[str, NodeReport],
+    now: float,
+) -> InstanceSpec:
+    return InstanceSpec(
+        instance_id=instance_id,
+        model_id=request.model.model_id,
+        sharding=request.sharding,
+        backend=request.backend,
+        meta=meta,
+        nodes=placement.nodes,
+        layer_ranges=placement.layer_ranges,
+        store_address=placement.store_address,
+        store_port=store_port(instance_id),
+        rank_addresses=placement.rank_addresses,
+        rank_interfaces=tuple(
+            interface_for(reports.get(node), addr)
+            for node, addr in zip(placement.nodes, placement.rank_addresses, strict=True)
+        ),
+        created_at=now,
+    )
+
+
+# ---- exo-shaped documents ---------------------------------------------------------------------
+
+
+def instance_document(
+    instance: InstanceSpec, runners: Mapping[str, RunnerState] | None = None
+) -> dict[str, Any]:
+    """{meta: {...}}: an instance as /instance/placement, /instance/{id} and /state show it."""
+    runners = runners or {}
+    world = len(instance.nodes)
+    num_layers = max((end for _, end in instance.layer_ranges), default=0)
+    node_to_runner, runner_to_shard, status, hosts = {}, {}, {}, {}
+    for rank, node in enumerate(instance.nodes):
+        rid = runner_id(instance.instance_id, rank)
+        start, end = instance.layer_ranges[rank]
+        node_to_runner[node] = rid
+        runner_to_shard[rid] = {
+            SHARD_META[instance.sharding]: {
+                "modelId": instance.model_id,
+                "deviceRank": rank,
+                "worldSize": world,
+                "startLayer": start,
+                "endLayer": end,
+                "nLayers": num_layers,
+            }
+        }
+        held = runners.get(rid)
+        status[rid] = {
+            "status": held.status if held else "pending",
+            "reason": held.reason if held else None,
+            "since": held.since if held else None,
+        }
+        hosts[node] = [{"ip": instance.rank_addresses[rank], "port": instance.store_port}]
+    body = {
+        "instanceId": instance.instance_id,
+        "modelId": instance.model_id,
+        "sharding": instance.sharding.capitalize(),
+        "backend": instance.backend,
+        "nodeToRunner": node_to_runner,
+        "runnerToShard": runner_to_shard,
+        "hostsByNode": hosts,
+        "storeAddress": f"{instance.store_address}:{instance.store_port}",
+        "rankInterfaces": dict(zip(instance.nodes, instance.rank_interfaces, strict=False)),
+        "runnerStatus": status,
+        "createdAt": instance.created_at,
+    }
+    return {instance.meta: body}
+
+
+def parse_instance_document(doc: Any) -> tuple[str, str, str, list[str]]:
+    """A posted instance -> (model id, sharding, meta name, nodes in rank order).
+
+    Only the choices are taken from the document; layers, addresses and ports are worked
+    out again from the current view, so a stale preview can never place a broken layout.
+    """
+    if not isinstance(doc, dict) or len(doc) != 1:
+        raise ValueError(
+            "the instance must be an object with one key, its meta name, e.g. "
+            '{"GlooInstance": {...}} as /instance/placement returns it'
+        )
+    ((meta, body),) = doc.items()
+    parse_meta(meta)
+    if not isinstance(body, dict):
+        raise ValueError(f"instance.{meta} must be an object")
+    model_id = body.get("modelId")
+    node_to_runner = body.get("nodeToRunner")
+    runner_to_shard = body.get("runnerToShard")
+    if not isinstance(model_id, str) or not model_id:
+        raise ValueError(f"instance.{meta}.modelId must be a model id")
+    if not isinstance(node_to_runner, dict) or not node_to_runner:
+        raise ValueError(f"instance.{meta}.nodeToRunner must map node ids to runner ids")
+    if not isinstance(runner_to_shard, dict):
+        raise ValueError(f"instance.{meta}.runnerToShard must map runner ids to shards")
+    ranked: list[tuple[int, str]] = []
+    sharding = None
+    for node, rid in node_to_runner.items():
+        shard = runner_to_shard.get(rid)
+        if not isinstance(shard, dict) or len(shard) != 1:
+            raise ValueError(f"runner {rid!r} of node {node!r} has no shard in runnerToShard")
+        ((kind, fields),) = shard.items()
+        kinds = {v: k for k, v in SHARD_META.items()}
+        if kind not in kinds or not isinstance(fields, dict):
+            raise ValueError(f"runner {rid!r}: unknown shard kind {kind!r}")
+        if sharding not in (None, kinds[kind]):
+            raise ValueError("every runner of an instance must use the same sharding")
+        sharding = kinds[kind]
+        rank = fields.get("deviceRank")
+        if not isinstance(rank, int):
+            raise ValueError(f"runner {rid!r}: deviceRank must be an integer")
+        ranked.append((rank, str(node)))
+    ranks = sorted(r for r, _ in ranked)
+    if ranks != list(range(len(ranked))):
+        raise ValueError(f"deviceRank values must be 0..{len(ranked) - 1}, got {ranks}")
+    assert sharding is not None
+    return model_id, sharding, meta, [node for _, node in sorted(ranked)]

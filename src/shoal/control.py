@@ -1,0 +1,262 @@
+"""This node's part in the cluster plan: adopt it, lead it when elected, run our share of it.
+
+Every tick (once per cluster poll) the node adopts the newest plan it sees. The leader also
+places `--min-nodes` models once enough nodes hold them, and publishes the plan in its report.
+Plan changes asked of a follower's API are forwarded to the leader, whose answer is returned.
+Decisions live in cluster.plan and placement.planner; this module moves data between them,
+the worker and the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from shoal.cluster.plan import (
+    find_instance,
+    holders,
+    instance_document,
+    instance_from_placement,
+    lead,
+    model_spec,
+    newest_plan,
+    pending_auto_places,
+    runner_id,
+    with_instance,
+    without_instance,
+)
+from shoal.cluster.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
+from shoal.cluster.service import ClusterService
+from shoal.placement.planner import CandidateReason, Placement, PlacementRequest, Refusal, plan
+from shoal.worker import Worker
+
+log = logging.getLogger(__name__)
+
+SERVING = ("ready", "running")
+
+
+@dataclass(frozen=True)
+class PlaceAsk:
+    """What a caller asks placement for (GET /instance/placement, POST /instance, auto)."""
+
+    model_id: str
+    sharding: str = "pipeline"
+    backend: str = "gloo"
+    meta: str = "GlooInstance"
+    min_nodes: int = 1
+    max_nodes: int | None = None
+    nodes: frozenset[str] | None = None  # only these nodes
+
+
+class NotLeader(Exception):
+    def __init__(self, leader: str | None) -> None:
+        super().__init__(f"this node is not the leader ({leader or 'none known'})")
+        self.leader = leader
+
+
+class Controller:
+    def __init__(
+        self,
+        service: ClusterService,
+        worker: Worker,
+        auto_place: tuple[AutoPlace, ...] = (),
+        context_tokens: int | None = None,
+    ) -> None:
+        self.service = service
+        self.worker = worker
+        self.auto_place = auto_place
+        self.context_tokens = context_tokens
+        self.plan = ClusterPlan()  # the newest adopted
+        self._auto_refused: dict[str, str] = {}  # model -> last reason logged
+        service.report_extras = self._report_fields
+        service.on_tick = self.tick
+
+    @property
+    def node_id(self) -> str:
+        return self.service.identity.node_id
+
+    def leader(self) -> str | None:
+        return self.service.view.leader(self.service.report)
+
+    def is_leader(self) -> bool:
+        return self.leader() == self.node_id
+
+    def reports(self) -> list[NodeReport]:
+        return self.service.view.alive_reports(self.service.report)
+
+    # -- the tick --------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        adopted = newest_plan(self.plan, self.reports())
+        if self.is_leader():
+            adopted = lead(adopted, self.node_id)
+            for want in pending_auto_places(self.reports(), adopted):
+                adopted = self._auto(adopted, want)
+        if adopted != self.plan:
+            log.info(
+                "plan term %d version %d: %d instance(s)",
+                adopted.term,
+                adopted.version,
+                len(adopted.instances),
+            )
+        self.plan = adopted
+        self.worker.reconcile(adopted)
+
+    def _auto(self, current: ClusterPlan, want: AutoPlace) -> ClusterPlan:
+        ask = PlaceAsk(
+            want.model_id,
+            want.sharding,
+            want.backend,
+            "GlooInstance" if want.backend == "gloo" else "NcclInstance",
+            min_nodes=want.min_nodes,
+        )
+        result = self.place(ask, "auto")
+        if isinstance(result, InstanceSpec):
+            log.info(
+                "placed %s on %s (auto, --min-nodes %d)",
+                want.model_id,
+                ", ".join(result.nodes),
+                want.min_nodes,
+            )
+            self._auto_refused.pop(want.model_id, None)
+            return with_instance(current, result)
+        text = "; ".join(f"{','.join(r.nodes)}: {r.reason}" for r in result.reasons)
+        if self._auto_refused.get(want.model_id) != text:
+            log.info(
+                "waiting to place %s (--min-nodes %d): %s",
+                want.model_id,
+                want.min_nodes,
+                text or "no candidate yet",
+            )
+            self._auto_refused[want.model_id] = text
+        return current
+
+    def _report_fields(self) -> dict[str, Any]:
+        models = tuple(m.held for m in self.worker.models.values())
+        return dict(
+            models=models,
+            auto_place=self.auto_place,
+            runners=self.worker.states(),
+            plan=self.plan if self.is_leader() else None,
+        )
+
+    # -- placement -------------------------------------------------------------------------
+
+    def place(self, ask: PlaceAsk, instance_id: str | None = None) -> InstanceSpec | Refusal:
+        """A fresh layout for the ask from the current view, or every reason there is none."""
+        reports = self.reports()
+        held = holders(reports, ask.model_id)
+        extra: list[CandidateReason] = []
+        if not held:
+            known = sorted({m.model_id for r in reports for m in r.models})
+            return Refusal(
+                (
+                    CandidateReason(
+                        (),
+                        f"no alive node holds {ask.model_id}; "
+                        f"held models: {', '.join(known) or 'none'}",
+                    ),
+                )
+            )
+        allowed = set(held)
+        for r in reports:
+            if r.node_id not in held and (ask.nodes is None or r.node_id in ask.nodes):
+                extra.append(
+                    CandidateReason((r.node_id,), f"node {r.node_id} does not hold {ask.model_id}")
+                )
+        first = next(iter(held.values()))
+        window = first.context_length or 4096
+        context = min(self.context_tokens or window, window)  # the KV budget per rank
+        request = PlacementRequest(
+            model=model_spec(first),
+            sharding=ask.sharding,  # type: ignore[arg-type]
+            backend=ask.backend,  # type: ignore[arg-type]
+            min_nodes=ask.min_nodes,
+            max_nodes=ask.max_nodes,
+            node_filter=frozenset(allowed & ask.nodes if ask.nodes is not None else allowed),
+            context_tokens=context,
+        )
+        now = time.time()
+        result = plan(request, reports, now)
+        if isinstance(result, Refusal):
+            return Refusal((*extra, *result.reasons))
+        assert isinstance(result, Placement)
+        return instance_from_placement(
+            result,
+            request,
+            instance_id=instance_id or str(uuid.uuid4()),
+            meta=ask.meta,
+            reports={r.node_id: r for r in reports},
+            now=now,
+        )
+
+    # -- plan changes (leader only; the API forwards otherwise) ----------------------------
+
+    def create(self, instance: InstanceSpec) -> None:
+        if not self.is_leader():
+            raise NotLeader(self.leader())
+        self.plan = with_instance(lead(self.plan, self.node_id), instance)
+        self.worker.reconcile(self.plan)
+        self.service.refresh_report()
+
+    def delete(self, instance_id: str) -> bool:
+        if not self.is_leader():
+            raise NotLeader(self.leader())
+        if find_instance(self.plan, instance_id) is None:
+            return False
+        self.plan = without_instance(lead(self.plan, self.node_id), instance_id)
+        self.worker.reconcile(self.plan)
+        self.service.refresh_report()
+        return True
+
+    async def forward(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        """Send a plan change to the leader; its answer goes back to our caller."""
+        leader = self.leader()
+        address = self.service.address_of(leader) if leader else None
+        if address is None:
+            raise NotLeader(leader)
+        host, port = address
+        url = f"http://{host}:{port}{path}"
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            return await client.request(method, url, json=body)
+
+    # -- what the API shows and where requests go -----------------------------------------
+
+    def runner_states(self) -> dict[str, RunnerState]:
+        return {s.runner_id: s for r in self.reports() for s in r.runners}
+
+    def instances_document(self) -> dict[str, Any]:
+        states = self.runner_states()
+        return {i.instance_id: instance_document(i, states) for i in self.plan.instances}
+
+    def instance(self, instance_id: str) -> InstanceSpec | None:
+        return find_instance(self.plan, instance_id)
+
+    def models_served(self) -> list[str]:
+        return sorted({i.model_id for i in self.plan.instances})
+
+    def endpoint(self, model_id: str) -> tuple[str | None, str]:
+        """An OpenAI base URL of a serving instance of the model, or why there is none."""
+        instances = [i for i in self.plan.instances if i.model_id == model_id]
+        if not instances:
+            return None, f"no instance of {model_id} is placed"
+        states = self.runner_states()
+        why = []
+        for i in sorted(instances, key=lambda i: i.created_at):
+            head = states.get(runner_id(i.instance_id, 0))
+            if head is None or head.status not in SERVING or head.port is None:
+                status = head.status if head else "not started"
+                detail = f": {head.reason}" if head and head.reason else ""
+                why.append(f"instance {i.instance_id} is {status}{detail}")
+                continue
+            address = self.service.address_of(i.nodes[0])
+            if address is None:
+                why.append(f"no known address of {i.nodes[0]}, rank 0 of {i.instance_id}")
+                continue
+            return f"http://{address[0]}:{head.port}", ""
+        return None, "; ".join(why)

@@ -1,0 +1,198 @@
+"""This node's runners: one subprocess per (instance, rank) the adopted plan puts here.
+
+`reconcile(plan)` starts the runners the plan wants and stops the ones it no longer does; the
+runners' status lines (see shoal.engine.runner) become the RunnerState this node reports.
+A runner that fails stays failed with its reason until the plan drops it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.cluster.plan import desired_runners
+from shoal.cluster.report import ClusterPlan, InstanceSpec, RunnerState
+from shoal.engine.runner import RunnerSpec
+from shoal.models.local import LocalModel
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 10.0  # a runner gets this long to stop cleanly before it is killed
+ENDED = ("failed", "stopped")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    serve_host: str = "127.0.0.1"  # where a rank-0 runner's OpenAI endpoint listens
+    device: str = "cpu"
+    max_batch: int = 4
+    max_seq_len: int | None = None
+    tokenizer_cache: Path | None = None
+    log_dir: Path | None = None  # runner stderr goes here (one file per runner), else inherited
+
+
+class _Runner:
+    """One runner subprocess and the newest status it reported."""
+
+    def __init__(self, spec: RunnerSpec, runner_id: str, log_dir: Path | None) -> None:
+        self.spec = spec
+        self.state = RunnerState(
+            runner_id=runner_id,
+            instance_id=spec.instance_id,
+            model_id=spec.model_id,
+            rank=spec.rank,
+            status="idle",
+            since=time.time(),
+        )
+        self._lock = threading.Lock()
+        stderr = None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            stderr = (log_dir / f"{runner_id}.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shoal.engine.runner", "--spec-json", spec.model_dump_json()],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+        )
+        if stderr is not None:
+            stderr.close()  # the child holds its own copy
+        self._update(pid=self.proc.pid)
+        threading.Thread(target=self._read, name=f"runner-{runner_id}", daemon=True).start()
+
+    def _update(self, **changes: object) -> None:
+        with self._lock:
+            if "status" in changes and changes["status"] != self.state.status:
+                changes["since"] = time.time()
+            self.state = self.state.model_copy(update=changes)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                line = json.loads(raw)
+                status = str(line["status"])
+            except (ValueError, KeyError, TypeError):
+                log.debug("runner %s: %s", self.state.runner_id, raw.decode(errors="replace"))
+                continue
+            port = line.get("port")
+            self._update(
+                status=status,
+                reason=line.get("reason"),
+                **({"port": int(port)} if isinstance(port, int) else {}),
+            )
+            log.info(
+                "runner %s: %s%s",
+                self.state.runner_id,
+                status,
+                f" ({line['reason']})" if line.get("reason") else "",
+            )
+        code = self.proc.wait()
+        if self.state.status not in ENDED:  # died without saying why
+            reason = f"the runner process exited with code {code}"
+            if code < 0:
+                reason = f"the runner process was killed by {signal.Signals(-code).name}"
+            self._update(status="failed", reason=reason)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.warning("runner %s ignored SIGTERM; killing it", self.state.runner_id)
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+class Worker:
+    def __init__(
+        self, node_id: str, models: dict[str, LocalModel], settings: WorkerSettings
+    ) -> None:
+        self.node_id = node_id
+        self.models = models
+        self.settings = settings
+        self._runners: dict[str, _Runner] = {}
+        self._missing: dict[str, RunnerState] = {}  # runners we cannot start, and why
+        self._lock = threading.Lock()
+
+    def states(self) -> tuple[RunnerState, ...]:
+        with self._lock:
+            states = [r.state for r in self._runners.values()] + list(self._missing.values())
+        return tuple(sorted(states, key=lambda s: s.runner_id))
+
+    def reconcile(self, plan: ClusterPlan) -> None:
+        """Start what the plan wants here, stop what it no longer wants (stops run in threads)."""
+        wanted = desired_runners(plan, self.node_id)
+        with self._lock:
+            gone = [self._runners.pop(rid) for rid in list(self._runners) if rid not in wanted]
+            for rid in [r for r in self._missing if r not in wanted]:
+                del self._missing[rid]
+            for rid, (instance, rank) in wanted.items():
+                if rid not in self._runners and rid not in self._missing:
+                    self._start(rid, instance, rank)
+        for runner in gone:
+            log.info("stopping runner %s: its instance left the plan", runner.state.runner_id)
+            threading.Thread(target=runner.stop, name="runner-stop", daemon=True).start()
+
+    def _start(self, rid: str, instance: InstanceSpec, rank: int) -> None:
+        local = self.models.get(instance.model_id)
+        if local is None:
+            self._missing[rid] = RunnerState(
+                runner_id=rid,
+                instance_id=instance.instance_id,
+                model_id=instance.model_id,
+                rank=rank,
+                status="failed",
+                since=time.time(),
+                reason=f"this node does not hold {instance.model_id}",
+            )
+            return
+        s = self.settings
+        spec = RunnerSpec(
+            instance_id=instance.instance_id,
+            model_id=instance.model_id,
+            model_path=str(local.path),
+            sharding=instance.sharding,  # type: ignore[arg-type]
+            backend=instance.backend,  # type: ignore[arg-type]
+            rank=rank,
+            world_size=len(instance.nodes),
+            layer_range=instance.layer_ranges[rank],
+            store_host=instance.store_address,
+            store_port=instance.store_port,
+            ifname=instance.rank_interfaces[rank] if rank < len(instance.rank_interfaces) else None,
+            device=s.device,
+            max_batch=s.max_batch,
+            max_seq_len=s.max_seq_len,
+            serve_host=s.serve_host,
+            tokenizer_cache=str(s.tokenizer_cache) if s.tokenizer_cache else None,
+        )
+        log.info(
+            "starting runner %s: rank %d/%d of %s, layers %s, store %s:%d via %s",
+            rid,
+            rank,
+            spec.world_size,
+            instance.model_id,
+            spec.layer_range,
+            spec.store_host,
+            spec.store_port,
+            spec.ifname or "any interface",
+        )
+        self._runners[rid] = _Runner(spec, rid, s.log_dir)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            runners = list(self._runners.values())
+            self._runners.clear()
+        threads = [threading.Thread(target=r.stop, daemon=True) for r in runners]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=STOP_GRACE_S + 6)
