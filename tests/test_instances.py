@@ -1,0 +1,205 @@
+"""Two real nodes on loopback place the bundled model across both and serve it from either.
+
+Node a listens on 127.0.0.1 (the runbook's snippets talk to 127.0.0.1), node b on 127.0.0.2.
+The instance's ranks are real runner subprocesses meeting over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from openai import OpenAI
+
+from waiting import wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+PORT = 52715
+HOSTS = {"a": "127.0.0.1", "b": "127.0.0.2"}
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+RUNBOOK = Path(__file__).parent / "fixtures" / "runbook"
+
+
+class Pair:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str) -> None:
+        host = HOSTS[name]
+        peers = ",".join(f"{h}:{PORT}" for n, h in HOSTS.items() if n != name)
+        env = {**os.environ, "SHOAL_HOME": str(self.root / name), "SHOAL_TORCH_THREADS": "1"}
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the node
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "shoal.cli", "run", "--model", "none", "--host", host,
+             "--api-port", str(PORT), "--peers", peers, "--discovery-interfaces", "none",
+             "--node-name", name, "--suspect-after", "1.5", "--gone-after", "3"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def url(self, name: str, path: str) -> str:
+        return f"http://{HOSTS[name]}:{PORT}{path}"
+
+    def get(self, name: str, path: str) -> httpx.Response:
+        return httpx.get(self.url(name, path), timeout=5)
+
+    def json(self, name: str, path: str) -> dict[str, Any] | None:
+        try:
+            response = self.get(name, path)
+        except httpx.HTTPError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    def log(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+            for p in sorted(self.root.glob("*.log"))
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    p = Pair(tmp_path_factory.mktemp("pair"))
+    try:
+        for name in HOSTS:
+            p.start(name)
+        # both nodes alive in each other's view and the paths between them measured
+        query = f"/instance/placement?model_id={MODEL}&min_nodes=2"
+        wait_for("a 2-node placement", lambda: p.json("a", query) is not None, timeout=60)
+        yield p
+    finally:
+        p.stop()
+
+
+def runner_statuses(pair: Pair, name: str) -> dict[str, str]:
+    state = pair.json(name, "/state") or {}
+    return {rid: r["status"] for rid, r in state.get("runners", {}).items()}
+
+
+def test_models_downloaded_lists_what_this_node_holds(pair: Pair) -> None:
+    doc = pair.json("b", "/v1/models?status=downloaded")
+    assert doc is not None and MODEL in [m["id"] for m in doc["data"]]
+    bad = pair.get("b", "/v1/models?status=everything")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "status"
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("model_id=nobody/holds-this&min_nodes=2", "no alive node holds nobody/holds-this"),
+        (f"model_id={MODEL}&min_nodes=3", "needs >= 3 nodes"),
+        # SmolLM2 has 9 heads and 3 kv heads: two-way tensor parallel cannot split them
+        (f"model_id={MODEL}&min_nodes=2&sharding=Tensor", "not divisible by 2"),
+        (f"model_id={MODEL}&instance_meta=MlxIbvInstance", "unknown instance_meta"),
+        (f"model_id={MODEL}&sharding=Expert", "unknown sharding"),
+    ],
+)
+def test_no_placement_says_why(pair: Pair, query: str, reason: str) -> None:
+    response = pair.get("b", f"/instance/placement?{query}")
+    assert response.status_code == 400
+    assert reason in response.json()["error"]["message"]
+
+
+def test_previews_cover_every_choice_with_a_layout_or_a_reason(pair: Pair) -> None:
+    doc = pair.json("a", f"/instance/previews?model_id={MODEL}")
+    assert doc is not None
+    previews = doc["previews"]
+    assert len(previews) == 2 * 2 * 2  # sharding x meta x min_nodes 1..2
+    for p in previews:
+        assert (p["instance"] is None) != (p["error"] is None)
+    two = [p for p in previews if p["min_nodes"] == 2 and p["sharding"] == "Pipeline"]
+    assert all(p["instance"] for p in two)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/instance", {"instance": {"Nope": {}}}, 400),
+        ("POST", "/instance", {"instance": []}, 400),
+        ("POST", "/instance", {"not_instance": 1}, 400),
+        ("GET", "/instance/no-such-instance", None, 404),
+        ("DELETE", "/instance/no-such-instance", None, 404),  # forwarded to the leader by b
+    ],
+)
+def test_bad_instance_requests_are_4xx(
+    pair: Pair, method: str, path: str, body: Any, status: int
+) -> None:
+    for name in HOSTS:
+        response = httpx.request(method, pair.url(name, path), json=body, timeout=10)
+        assert response.status_code == status, (name, response.text)
+        assert response.json()["error"]["message"]
+
+
+def test_runbook_places_and_chats_then_delete_frees_the_runners(pair: Pair) -> None:
+    env = {**os.environ, "EXO_API_PORT": str(PORT), "MODEL_ID": MODEL}
+
+    def phase(script: str, timeout: float) -> str:
+        done = subprocess.run(["bash", str(RUNBOOK / script)], env=env, capture_output=True,
+                              text=True, timeout=timeout)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr + pair.log()
+        return done.stdout
+
+    placed = phase("phase5_placement.sh", 120)
+    assert "create_status 200" in placed and "PLACEMENT_READY" in placed, placed
+    chatted = phase("phase7_first_chat.sh", 150)
+    assert "status 200" in chatted and '"choices"' in chatted, chatted + pair.log()
+
+    # every node serves the placed model, streaming or not, with the real openai client
+    for name in HOSTS:
+        client = OpenAI(base_url=pair.url(name, "/v1"), api_key="none", timeout=120)
+        answer = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+        )
+        assert "Paris" in (answer.choices[0].message.content or ""), answer
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == answer.choices[0].message.content
+        assert MODEL in [m.id for m in client.models.list().data]
+
+    state = pair.json("b", "/state")
+    assert state is not None
+    (iid, entry), = state["instances"].items()
+    (body,) = entry.values()
+    assert len(body["nodeToRunner"]) == 2
+    pids = [r["pid"] for r in state["runners"].values()]
+    assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+
+    deleted = httpx.delete(pair.url("b", f"/instance/{iid}"), timeout=10)  # b forwards
+    assert deleted.status_code == 200, deleted.text
+    wait_for("the runner processes to end", lambda: not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        for p in pids), timeout=30)  # fmt: skip
+    wait_for("the instance to leave every node's state", lambda: all(
+        (pair.json(n, "/state") or {"instances": {1: 1}})["instances"] == {}
+        for n in HOSTS), timeout=15)  # fmt: skip
+    gone = httpx.post(pair.url("a", "/v1/chat/completions"), timeout=10, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
