@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tunwire import DelayQueue
 
 from netns import TUNWIRE, Lab, Namespace, require_netns
+from tunwire import DelayQueue
 from waiting import wait_for
 
 A_FAST, B_FAST = "10.240.8.1", "10.240.8.2"  # veth
