@@ -59,3 +59,35 @@ def test_render_of_a_lone_node_says_no_drift():
     out = io.StringIO()
     render({"leader": "x", "nodes": [], "links": [], "drift": [], "refused": []}, out)
     assert "drift: none" in out.getvalue()
+
+
+def test_render_explains_each_hop_of_an_instance():
+    from shoal.cluster.plan import instance_document
+    from shoal.cluster.report import InstanceSpec, RunnerState
+
+    spec = InstanceSpec(
+        instance_id="inst1", model_id="m", nodes=("aaaa1111", "bbbb2222"),
+        layer_ranges=((0, 15), (15, 30)), store_address="192.168.100.1", store_port=41000,
+        rank_addresses=("192.168.100.1", "192.168.100.2"), rank_interfaces=("en5", "en5"),
+    )  # fmt: skip
+    failed = RunnerState(runner_id="inst1-r1", instance_id="inst1", status="failed",
+                         reason="init timed out")  # fmt: skip
+    slow = {"from_node": "aaaa1111", "from_addr": "100.64.0.1", "to_node": "bbbb2222",
+            "to_addr": "100.64.0.2:52415", "interface_kind": "vpn", "direction": "outbound",
+            "rtt_ms_ewma": 41.0, "recent": True, "recorded_by": "aaaa1111"}  # fmt: skip
+    state = {**STATE, "links": [*STATE["links"], slow],
+             "instances": {"inst1": instance_document(spec, {"inst1-r1": failed})}}  # fmt: skip
+    out = io.StringIO()
+    render(state, out)
+    text = out.getvalue()
+    assert "instances (1)" in text
+    assert "rank 0 mac-studio   layers 0-15  192.168.100.1 via en5  pending" in text
+    assert (
+        "rank 1 linux-box    layers 15-30  192.168.100.2 via en5  failed (init timed out)" in text
+    )
+    assert ("why mac-studio -> linux-box: uses 192.168.100.2 (thunderbolt, rtt 0.41 ms, ok); "
+            "measured and not chosen: 100.64.0.2 (vpn, rtt 41.00 ms, ok)") in text  # fmt: skip
+    assert (
+        "why linux-box -> mac-studio: uses 192.168.100.1; measured and not chosen: 100.64.0.1"
+        in text
+    )

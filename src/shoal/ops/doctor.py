@@ -10,6 +10,7 @@ from typing import Any, TextIO
 import httpx
 
 from shoal.ops.chat import DEFAULT_API, START_HINT, api_base, error_message
+from shoal.placement.addressing import host_of
 
 
 def _ms(value: float | None) -> str:
@@ -62,6 +63,71 @@ def render(state: dict[str, Any], out: TextIO) -> None:
         out.write(f"  ! {line}\n")
     for refused in state.get("refused", []):
         out.write(f"  refused {refused.get('node_id')}: {refused.get('reason')}\n")
+    _render_instances(state, names, out)
+
+
+def _render_instances(state: dict[str, Any], names: dict[str, str], out: TextIO) -> None:
+    """Each instance's ranks and, per hop, the path it uses next to the others measured."""
+    instances = state.get("instances")
+    if instances is None:
+        return
+    out.write(f"\ninstances ({len(instances)})\n")
+    for iid, entry in instances.items():
+        ((meta, body),) = entry.items()
+        ranks = _ranks(body)
+        out.write(
+            f"  {iid} {body.get('modelId')} {body.get('sharding')} {meta} ({body.get('backend')})"
+            f" store {body.get('storeAddress')}\n"
+        )
+        for rank, node, rid, shard in ranks:
+            status = body.get("runnerStatus", {}).get(rid, {})
+            hosts = body.get("hostsByNode", {}).get(node, [{}])
+            iface = body.get("rankInterfaces", {}).get(node) or "any interface"
+            reason = f" ({status['reason']})" if status.get("reason") else ""
+            out.write(
+                f"    rank {rank} {_short(node, names):<12} layers {shard.get('startLayer')}-"
+                f"{shard.get('endLayer')}  {hosts[0].get('ip')} via {iface}"
+                f"  {status.get('status', '?')}{reason}\n"
+            )
+        nodes = [node for _, node, _, _ in ranks]
+        hops = list(zip(nodes, nodes[1:] + nodes[:1], strict=True)) if len(nodes) > 1 else []
+        for a, b in hops:
+            out.write(
+                f"    why {_short(a, names)} -> {_short(b, names)}: {_why(state, body, a, b)}\n"
+            )
+
+
+def _ranks(body: dict[str, Any]) -> list[tuple[int, str, str, dict[str, Any]]]:
+    out = []
+    for node, rid in body.get("nodeToRunner", {}).items():
+        ((_, shard),) = body.get("runnerToShard", {}).get(rid, {"?": {}}).items()
+        out.append((shard.get("deviceRank", 0), node, rid, shard))
+    return sorted(out)
+
+
+def _why(state: dict[str, Any], body: dict[str, Any], a: str, b: str) -> str:
+    """The hop's chosen address against every other path measured from a to b."""
+    chosen = (body.get("hostsByNode", {}).get(b) or [{}])[0].get("ip")
+    seen: dict[str, dict[str, Any]] = {}
+    for row in state.get("links", []):
+        if row.get("from_node") == a and row.get("to_node") == b and row.get("to_addr"):
+            held = seen.get(host := host_of(row["to_addr"]))
+            if held is None or (held.get("rtt_ms_ewma") is None and row.get("rtt_ms_ewma")):
+                seen[host] = row  # the prober's own record carries the RTT
+    if not seen:
+        return f"uses {chosen}; no measurements of {a[:8]} -> {b[:8]} in this node's view"
+
+    def describe(host: str, row: dict[str, Any]) -> str:
+        state_ = "ok" if row.get("recent") else "not working now"
+        return (
+            f"{host} ({row.get('interface_kind')}, rtt {_ms(row.get('rtt_ms_ewma'))} ms, {state_})"
+        )
+
+    others = [describe(h, r) for h, r in sorted(seen.items()) if h != chosen]
+    text = f"uses {describe(chosen, seen[chosen]) if chosen in seen else chosen}"
+    if others:
+        text += "; measured and not chosen: " + ", ".join(others)
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
