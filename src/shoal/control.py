@@ -254,9 +254,22 @@ class Controller:
                 detail = f": {head.reason}" if head and head.reason else ""
                 why.append(f"instance {i.instance_id} is {status}{detail}")
                 continue
-            address = self.service.address_of(i.nodes[0])
-            if address is None:
+            host = self._host_of_rank0(i)
+            if host is None:
                 why.append(f"no known address of {i.nodes[0]}, rank 0 of {i.instance_id}")
                 continue
-            return f"http://{address[0]}:{head.port}", ""
+            return f"http://{host}:{head.port}", ""
         return None, "; ".join(why)
+
+    def _host_of_rank0(self, instance: InstanceSpec) -> str | None:
+        """Where this node reaches rank 0: the instance's store address (the path placement
+        measured best from every rank) when we are one of its ranks, else any known address."""
+        rank0 = instance.nodes[0]
+        if rank0 != self.node_id and self.node_id in instance.nodes:
+            return (
+                f"[{instance.store_address}]"
+                if ":" in instance.store_address
+                else instance.store_address
+            )
+        address = self.service.address_of(rank0)
+        return address[0] if address else None
