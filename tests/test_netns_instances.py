@@ -27,11 +27,23 @@ A_FAST, B_FAST = "10.232.1.1", "10.232.1.2"  # veth
 A_SLOW, B_SLOW = "10.240.9.1", "10.240.9.2"  # TUN wire, 40 ms RTT
 
 
-def curl(ns: Namespace, path: str, body: Any = None, method: str = "GET",
-         timeout: float = 5) -> tuple[int, Any]:  # fmt: skip
+def curl(
+    ns: Namespace, path: str, body: Any = None, method: str = "GET", timeout: float = 5
+) -> tuple[int, Any]:
     """The node's API from inside its namespace (the test process lives outside)."""
-    args = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", str(timeout),
-            "-X", method, f"http://127.0.0.1:{PORT}{path}"]  # fmt: skip
+    args = [
+        "curl",
+        "-s",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "--max-time",
+        str(timeout),
+        "-X",
+        method,
+        f"http://127.0.0.1:{PORT}{path}",
+    ]
     if body is not None:
         args += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
     out = ns.run(*args, check=False)
@@ -55,10 +67,25 @@ def lab(tmp_path: Path) -> Iterator[tuple[Lab, Namespace, Namespace, Path]]:
 def start_node(lab: Lab, ns: Namespace, name: str, home: Path, peers: list[str]) -> None:
     env = {**os.environ, "SHOAL_HOME": str(home / name), "SHOAL_TORCH_THREADS": "1"}
     args = [
-        sys.executable, "-m", "shoal.cli", "run", "--model", "none", "--api-port", str(PORT),
-        "--discovery-interfaces", "none", "--peers", ",".join(f"{p}:{PORT}" for p in peers),
-        "--node-name", name, "--suspect-after", "1.5", "--gone-after", "3",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "shoal.cli",
+        "run",
+        "--model",
+        "none",
+        "--api-port",
+        str(PORT),
+        "--discovery-interfaces",
+        "none",
+        "--peers",
+        ",".join(f"{p}:{PORT}" for p in peers),
+        "--node-name",
+        name,
+        "--suspect-after",
+        "1.5",
+        "--gone-after",
+        "3",
+    ]
     lab.start(ns, args, env, str(home / f"{name}.log"))
 
 
@@ -67,14 +94,18 @@ def measured_both(ns: Namespace) -> bool:
     code, doc = curl(ns, "/cluster/links")
     if code != 200:
         return False
-    hosts = {r["to_addr"].split(":")[0] for r in doc["links"]
-             if r["direction"] == "outbound" and r["recent"] and r["rtt_ms_ewma"] is not None}  # fmt: skip
+    hosts = {
+        r["to_addr"].split(":")[0]
+        for r in doc["links"]
+        if r["direction"] == "outbound" and r["recent"] and r["rtt_ms_ewma"] is not None
+    }
     return bool(hosts & {A_FAST, B_FAST}) and bool(hosts & {A_SLOW, B_SLOW})
 
 
 def logs(home: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                     for p in sorted(home.glob("*.log")))  # fmt: skip
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(home.glob("*.log"))
+    )
 
 
 def test_placement_takes_the_fast_path_and_doctor_says_why(lab):
@@ -82,8 +113,9 @@ def test_placement_takes_the_fast_path_and_doctor_says_why(lab):
     # each node is told both addresses of the other: both paths are candidates
     start_node(lab, a, "A", home, [B_SLOW, B_FAST])
     start_node(lab, b, "B", home, [A_SLOW, A_FAST])
-    wait_for("both cables measured from both nodes",
-             lambda: measured_both(a) and measured_both(b), 60)  # fmt: skip
+    wait_for(
+        "both cables measured from both nodes", lambda: measured_both(a) and measured_both(b), 60
+    )
 
     query = f"/instance/placement?model_id={MODEL}&min_nodes=2&sharding=Pipeline"
     code, placement = curl(b, query)
@@ -106,15 +138,26 @@ def test_placement_takes_the_fast_path_and_doctor_says_why(lab):
 
     wait_for("both runners ready", serving, 180, every=1.0)
 
-    chat = {"model": MODEL, "max_tokens": 16, "temperature": 0,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]}  # fmt: skip
+    chat = {
+        "model": MODEL,
+        "max_tokens": 16,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    }
     for ns in (a, b):
         code, answer = curl(ns, "/v1/chat/completions", chat, "POST", timeout=120)
         assert code == 200, (answer, logs(home))
         assert "Paris" in answer["choices"][0]["message"]["content"]
 
-    doctor = a.run(sys.executable, "-m", "shoal.cli", "doctor", "--api",
-                   f"http://127.0.0.1:{PORT}", check=False)  # fmt: skip
+    doctor = a.run(
+        sys.executable,
+        "-m",
+        "shoal.cli",
+        "doctor",
+        "--api",
+        f"http://127.0.0.1:{PORT}",
+        check=False,
+    )
     assert doctor.returncode == 0, doctor.stderr
     text = doctor.stdout
     assert "instances (1)" in text, text
