@@ -14,9 +14,11 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from shoal.engine.config import ModelConfig
 from shoal.engine.model import Step, Transformer
 from shoal.engine.sampling import SamplingParams, make_generator, sample_batch
 from shoal.engine.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
@@ -46,7 +48,6 @@ class Sequence:
     id: int = 0
     slot: int = -1
     output: list[int] = field(default_factory=list)
-    rng: torch.Generator | None = None
     cancelled: bool = False
     finish_reason: str | None = None
 
@@ -60,26 +61,121 @@ class ContextLengthError(ValueError):
     pass
 
 
+class Executor(Protocol):
+    """Runs the model steps the scheduler decides, and samples their tokens.
+
+    LocalExecutor runs the whole model in this process; engine/lockstep.py has executors that
+    drive the same steps on several ranks. An executor is built for a fixed batch and context
+    size (its KV caches, on every rank, are allocated once). Its methods are called from the
+    scheduler thread only.
+    """
+
+    config: ModelConfig
+    device: torch.device  # where this rank's model runs
+    max_batch: int
+    max_seq_len: int
+    idle_every: float | None  # call idle() this often while nothing runs (None: never)
+
+    def prefill(self, seq_id: int, slot: int, prompt: list[int], params: SamplingParams) -> int:
+        """Admit a sequence into KV slot `slot`: its prompt's K/V, then its first token."""
+        ...
+
+    def decode(self, ids: list[int], tokens: list[int], positions: list[int]) -> list[int]:
+        """One token for each running sequence; rows are slots 0..n-1 in order. Sequences
+        that are not in `ids` have finished, and their sampling state may go."""
+        ...
+
+    def move_slot(self, src: int, dst: int, length: int) -> None: ...
+
+    def idle(self) -> None: ...
+
+
+class SamplerBank:
+    """Each running sequence's sampling parameters and private RNG, by sequence id."""
+
+    def __init__(self) -> None:
+        self.params: dict[int, SamplingParams] = {}
+        self.rngs: dict[int, torch.Generator | None] = {}
+
+    def admit(self, seq_id: int, params: SamplingParams) -> None:
+        self.params[seq_id] = params
+        self.rngs[seq_id] = make_generator(params)
+
+    def retain(self, ids: list[int]) -> None:
+        if len(self.params) != len(ids):
+            keep = set(ids)
+            for gone in [i for i in self.params if i not in keep]:
+                del self.params[gone], self.rngs[gone]
+
+    def sample(self, ids: list[int], logits: torch.Tensor) -> list[int]:
+        return sample_batch(logits, [self.params[i] for i in ids], [self.rngs[i] for i in ids])
+
+
+class LocalExecutor:
+    """The whole model in this process, sampling beside it."""
+
+    idle_every = None
+
+    def __init__(self, model: Transformer, max_batch: int, max_seq_len: int) -> None:
+        self.model = model
+        self.config = model.config
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.device = next(model.parameters()).device
+        self.sampler = SamplerBank()
+        self.keep_logits = False  # tests and tools: keep each step's logits in last_logits
+        self.last_logits: torch.Tensor | None = None
+        model.setup_cache(max_batch, max_seq_len)
+
+    def prefill(self, seq_id: int, slot: int, prompt: list[int], params: SamplingParams) -> int:
+        self.sampler.admit(seq_id, params)
+        tokens = torch.tensor([prompt], device=self.device)
+        logits = self.model(tokens, Step.prefill(slot, 0, len(prompt), self.device))
+        return self._sample([seq_id], logits)[0]
+
+    def decode(self, ids: list[int], tokens: list[int], positions: list[int]) -> list[int]:
+        self.sampler.retain(ids)
+        rows = torch.tensor([[t] for t in tokens], device=self.device)
+        return self._sample(ids, self.model(rows, Step.decode(positions, self.device)))
+
+    def _sample(self, ids: list[int], logits: torch.Tensor) -> list[int]:
+        if self.keep_logits:
+            self.last_logits = logits.float().cpu()
+        return self.sampler.sample(ids, logits)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self.model.cache.move_slot(src, dst, length)
+
+    def idle(self) -> None:
+        pass
+
+
+def context_length(config: ModelConfig, requested: int | None) -> int:
+    """The context window a generator (and every rank's KV cache) is built for."""
+    return min(requested or config.max_position_embeddings, config.max_position_embeddings)
+
+
 class Generator:
-    """Owns the model, its KV cache and the scheduler thread."""
+    """Owns the scheduler thread; the executor owns the model and its KV cache.
+
+    `model` is a Transformer (run here, through a LocalExecutor) or an Executor, whose batch
+    and context sizes then win.
+    """
 
     def __init__(
         self,
-        model: Transformer,
+        model: Transformer | Executor,
         tokenizer: Tokenizer,
         max_batch: int = 4,
         max_seq_len: int | None = None,
     ) -> None:
-        self.model = model
+        if isinstance(model, Transformer):
+            model = LocalExecutor(model, max_batch, context_length(model.config, max_seq_len))
+        self.executor: Executor = model
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
-        self.max_seq_len = min(
-            max_seq_len or model.config.max_position_embeddings,
-            model.config.max_position_embeddings,
-        )
+        self.max_batch = model.max_batch
+        self.max_seq_len = model.max_seq_len
+        self.device = model.device
         self.eos_ids = frozenset(tokenizer.eos_ids) | frozenset(model.config.eos_token_ids)
-        model.setup_cache(max_batch, self.max_seq_len)
-        self.device = next(model.parameters()).device
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
         self._wake = threading.Condition()
@@ -126,7 +222,6 @@ class Generator:
             decoder=IncrementalDecoder(self.tokenizer),
             stopper=StopMatcher(params.stop),
             id=next(self._ids),
-            rng=make_generator(params),
         )
         with self._wake:
             if self._stopping:
@@ -159,14 +254,19 @@ class Generator:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        idle_every = self.executor.idle_every
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self._active):
-                    self._wake.wait()
+                if not (self._stopping or self._waiting or self._active):
+                    self._wake.wait(idle_every)
                 if self._stopping:
                     break
+                busy = bool(self._waiting or self._active)
             try:
-                self._step()
+                if busy:
+                    self._step()
+                else:  # a heartbeat: the other ranks learn that this one is still here
+                    self.executor.idle()
             except Exception as exc:  # a failed step ends its requests, never the server
                 log.exception("generation step failed")
                 for seq in self._active + list(self._waiting):
@@ -191,21 +291,19 @@ class Generator:
         if not self._active:
             return
         batch = self._active
-        tokens = torch.tensor([[s.output[-1]] for s in batch], device=self.device)
-        logits = self.model(tokens, Step.decode([s.length - 1 for s in batch], self.device))
-        self._accept(batch, logits)
+        chosen = self.executor.decode(
+            [s.id for s in batch], [s.output[-1] for s in batch], [s.length - 1 for s in batch]
+        )
+        self._accept(batch, chosen)
         self.stats["steps"] += 1
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
 
     def _prefill(self, seq: Sequence) -> None:
         seq.slot = len(self._active)
         self._active.append(seq)
-        tokens = torch.tensor([seq.prompt], device=self.device)
-        logits = self.model(tokens, Step.prefill(seq.slot, 0, len(seq.prompt), self.device))
-        self._accept([seq], logits)
+        self._accept([seq], [self.executor.prefill(seq.id, seq.slot, seq.prompt, seq.params)])
 
-    def _accept(self, batch: list[Sequence], logits: torch.Tensor) -> None:
-        chosen = sample_batch(logits, [s.params for s in batch], [s.rng for s in batch])
+    def _accept(self, batch: list[Sequence], chosen: list[int]) -> None:
         for seq, token in zip(batch, chosen, strict=True):
             self._advance(seq, token)
         self._active = [s for s in self._active if s.finish_reason is None]
@@ -249,5 +347,5 @@ class Generator:
         """Keep the cache rows of the active sequences in slots [0, n), in list order."""
         for slot, seq in enumerate(self._active):
             if seq.slot != slot:
-                self.model.cache.move_slot(seq.slot, slot, seq.length)
+                self.executor.move_slot(seq.slot, slot, seq.length)
                 seq.slot = slot

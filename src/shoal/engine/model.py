@@ -11,6 +11,7 @@ depends only on the step (RoPE rows, cache views) is computed once per forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,9 @@ class Block(nn.Module):
         self.attention = Attention(c)
         self.ffn_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.feed_forward = FeedForward(c)
+        # Tensor parallel (engine/sharding.py) sets this to an in-place all-reduce over the
+        # ranks; it sums the partial outputs of wo and w2 before each residual add.
+        self.reduce: Callable[[torch.Tensor], object] | None = None
 
     def forward(self, x, cos, sin, kv, step):  # noqa: ANN001, ANN201 - hot path
         """x: [B, T, H]; cos/sin: [B, T, heads, hd]; kv: this layer's cache view
@@ -113,10 +117,16 @@ class Block(nn.Module):
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=step.mask, enable_gqa=nh != nkv
         )
-        h = x + F.linear(out.transpose(1, 2).reshape(bsz, seqlen, nh * hd), a.wo.weight)
+        attended = F.linear(out.transpose(1, 2).reshape(bsz, seqlen, nh * hd), a.wo.weight)
+        if self.reduce is not None:
+            self.reduce(attended)
+        h = x + attended
 
         gate, up = F.linear(rms_norm(h, self.ffn_norm), ff.w13.weight).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, ff.w2.weight)
+        mixed = F.linear(F.silu(gate) * up, ff.w2.weight)
+        if self.reduce is not None:
+            self.reduce(mixed)
+        return h + mixed
 
 
 def rms_norm(x: torch.Tensor, n: nn.RMSNorm) -> torch.Tensor:
