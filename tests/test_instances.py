@@ -84,7 +84,11 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             p.start(name)
         # both nodes alive in each other's view and the paths between them measured
         query = f"/instance/placement?model_id={MODEL}&min_nodes=2"
-        wait_for("a 2-node placement", lambda: p.json("a", query) is not None, timeout=60)
+        wait_for(
+            "a 2-node placement on both nodes",
+            lambda: all(p.json(n, query) is not None for n in HOSTS),
+            timeout=60,
+        )
         yield p
     finally:
         p.stop()
@@ -186,7 +190,7 @@ def test_runbook_places_and_chats_then_delete_frees_the_runners(pair: Pair) -> N
 
     state = pair.json("b", "/state")
     assert state is not None
-    (iid, entry), = state["instances"].items()
+    ((iid, entry),) = state["instances"].items()
     (body,) = entry.values()
     assert len(body["nodeToRunner"]) == 2
     pids = [r["pid"] for r in state["runners"].values()]
