@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,24 +31,27 @@ RUNBOOK = Path(__file__).parent / "fixtures" / "runbook"
 
 
 class Pair:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int = PORT, extra: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.port = port
+        self.extra = extra
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str) -> None:
         host = HOSTS[name]
-        peers = ",".join(f"{h}:{PORT}" for n, h in HOSTS.items() if n != name)
+        peers = ",".join(f"{h}:{self.port}" for n, h in HOSTS.items() if n != name)
         env = {**os.environ, "SHOAL_HOME": str(self.root / name), "SHOAL_TORCH_THREADS": "1"}
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the node
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "shoal.cli", "run", "--model", "none", "--host", host,
-             "--api-port", str(PORT), "--peers", peers, "--discovery-interfaces", "none",
-             "--node-name", name, "--suspect-after", "1.5", "--gone-after", "3"],
+            [sys.executable, "-m", "shoal.cli", "run", "--host", host,
+             "--api-port", str(self.port), "--peers", peers, "--discovery-interfaces", "none",
+             "--node-name", name, "--suspect-after", "1.5", "--gone-after", "3",
+             *(self.extra or ("--model", "none"))],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
     def url(self, name: str, path: str) -> str:
-        return f"http://{HOSTS[name]}:{PORT}{path}"
+        return f"http://{HOSTS[name]}:{self.port}{path}"
 
     def get(self, name: str, path: str) -> httpx.Response:
         return httpx.get(self.url(name, path), timeout=5)
@@ -207,3 +211,32 @@ def test_runbook_places_and_chats_then_delete_frees_the_runners(pair: Pair) -> N
     gone = httpx.post(pair.url("a", "/v1/chat/completions"), timeout=10, json={
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+
+
+def test_min_nodes_places_the_model_once_enough_nodes_hold_it(tmp_path: Path) -> None:
+    auto = Pair(tmp_path, port=PORT + 1, extra=("--model", "bundled", "--min-nodes", "2"))
+    try:
+        auto.start("a")
+        wait_for("a up", lambda: auto.json("a", "/state") is not None, timeout=60)
+        time.sleep(3)  # a few plan ticks alone: one node is not enough
+        assert auto.json("a", "/state")["instances"] == {}
+        assert "waiting to place" in auto.log()
+
+        auto.start("b")
+
+        def serving() -> bool:
+            instances = (auto.json("b", "/state") or {}).get("instances", {})
+            bodies = [body for entry in instances.values() for body in entry.values()]
+            statuses = [r["status"] for b in bodies for r in b["runnerStatus"].values()]
+            assert "failed" not in statuses, auto.log()
+            return len(statuses) == 2 and all(s in ("ready", "running") for s in statuses)
+
+        wait_for("the auto-placed instance serving", serving, timeout=150, every=1.0)
+        client = OpenAI(base_url=auto.url("b", "/v1"), api_key="none", timeout=120)
+        answer = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24, temperature=0,
+        )  # fmt: skip
+        assert "Paris" in (answer.choices[0].message.content or "")
+    finally:
+        auto.stop()
