@@ -69,16 +69,21 @@ def try_timeouts(attempts: int, window_s: float, growth: float = 1.5) -> list[fl
 
 def join(rv: Rendezvous) -> Peers:
     """Meet the other ranks; raises InitError naming the store address and interface."""
+    if dist.is_initialized():  # one instance per process: its group is the default group
+        raise InitError("this process already belongs to a process group")
     if rv.ifname:  # gloo and NCCL pick their interface when the group is created
         os.environ["GLOO_SOCKET_IFNAME"] = rv.ifname
         os.environ["NCCL_SOCKET_IFNAME"] = rv.ifname
     deadline = time.monotonic() + rv.window_s
     tries = try_timeouts(rv.attempts, rv.window_s)
-    last_error = "no try was made"
+    last_error, number, reached_store = "no try was made", 0, False
     for number, wait_s in enumerate(tries, start=1):
         started = time.monotonic()
+        wait_s = min(wait_s, max(deadline - started, 0.1))
+        store = None
         try:
             store = _open_store(rv, wait_s)
+            reached_store = True
             meeting_s = max(deadline - time.monotonic(), MIN_MEETING_S)
             store.set_timeout(timedelta(seconds=meeting_s))
             dist.init_process_group(
@@ -98,12 +103,20 @@ def join(rv: Rendezvous) -> Peers:
             log.info("rank %d: try %d of %d failed: %s", rv.rank, number, len(tries), last_error)
             if dist.is_initialized():
                 dist.destroy_process_group()
-        if number < len(tries) and time.monotonic() < deadline:
-            time.sleep(max(0.0, wait_s - (time.monotonic() - started)))
-    role = "host the store at" if rv.rank == 0 else "meet rank 0's store at"
+            del store  # rank 0: close the listening store before binding it again
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(max(0.0, wait_s - (time.monotonic() - started)))
+    if reached_store:
+        what = f"did not meet the other ranks at the store {rv.store_address}"
+    elif rv.rank == 0:
+        what = f"could not host the store at {rv.store_address}"
+    else:
+        what = f"could not reach rank 0's store at {rv.store_address}"
+    tries_made = f"{number} {'try' if number == 1 else 'tries'}"
     raise InitError(
-        f"rank {rv.rank} of {rv.world_size} could not {role} {rv.store_address} via "
-        f"{rv.interface}: {len(tries)} tries over {rv.window_s:.0f} s; last error: {last_error}"
+        f"rank {rv.rank} of {rv.world_size} {what} via {rv.interface}: {tries_made} over "
+        f"{rv.window_s:.0f} s; last error: {last_error}"
     )
 
 
