@@ -75,6 +75,7 @@ class Executor(Protocol):
     max_batch: int
     max_seq_len: int
     idle_every: float | None  # call idle() this often while nothing runs (None: never)
+    failure: str | None  # why this executor can no longer step (None while it can)
 
     def prefill(self, seq_id: int, slot: int, prompt: list[int], params: SamplingParams) -> int:
         """Admit a sequence into KV slot `slot`: its prompt's K/V, then its first token."""
@@ -88,6 +89,10 @@ class Executor(Protocol):
     def move_slot(self, src: int, dst: int, length: int) -> None: ...
 
     def idle(self) -> None: ...
+
+    def close(self) -> None:
+        """After the scheduler thread has ended: release the other ranks."""
+        ...
 
 
 class SamplerBank:
@@ -115,6 +120,7 @@ class LocalExecutor:
     """The whole model in this process, sampling beside it."""
 
     idle_every = None
+    failure = None
 
     def __init__(self, model: Transformer, max_batch: int, max_seq_len: int) -> None:
         self.model = model
@@ -146,6 +152,9 @@ class LocalExecutor:
         self.model.cache.move_slot(src, dst, length)
 
     def idle(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -189,11 +198,13 @@ class Generator:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """End the scheduler; False if its thread is still inside a step after 10 s."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         self._thread.join(timeout=10)
+        return not self._thread.is_alive()
 
     @property
     def in_flight(self) -> int:
@@ -265,7 +276,7 @@ class Generator:
             try:
                 if busy:
                     self._step()
-                else:  # a heartbeat: the other ranks learn that this one is still here
+                elif self.executor.failure is None:  # a heartbeat for the other ranks
                     self.executor.idle()
             except Exception as exc:  # a failed step ends its requests, never the server
                 log.exception("generation step failed")

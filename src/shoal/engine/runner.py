@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from shoal.engine.config import ModelConfig
 from shoal.engine.distributed import InitError, PeerLostError, Peers, Rendezvous, join
-from shoal.engine.generator import Generator, context_length
+from shoal.engine.generator import Executor, Generator, LocalExecutor, context_length
 from shoal.engine.lockstep import Follower, PipelineExecutor, TensorExecutor
 from shoal.engine.model import Transformer
 from shoal.engine.serving import ServedModel
@@ -126,15 +126,18 @@ def load_rank_model(spec: RunnerSpec, source: WeightSource) -> Transformer:
 
 def build_executor(
     spec: RunnerSpec, peers: Peers, model: Transformer, config: ModelConfig
-) -> PipelineExecutor | TensorExecutor:
+) -> Executor:
     """Rank 0's executor, for the scheduler."""
+    max_seq_len = context_length(config, spec.max_seq_len)
+    if spec.world_size == 1:
+        return LocalExecutor(model, spec.max_batch, max_seq_len)
     kind = TensorExecutor if spec.sharding == "tensor" else PipelineExecutor
     return kind(
         model,
         peers,
         config,
         max_batch=spec.max_batch,
-        max_seq_len=context_length(config, spec.max_seq_len),
+        max_seq_len=max_seq_len,
         heartbeat_s=spec.heartbeat_s,
     )
 
@@ -162,7 +165,7 @@ class StatusWriter:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.current: str | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # SIGTERM may write while a line is being written
 
     def __call__(self, status: str, reason: str | None = None, port: int | None = None) -> None:
         with self._lock:
@@ -256,13 +259,13 @@ class Runner:
         from shoal.api.app import create_app  # the API imports this module (RunnerSpec)
 
         spec = self.spec
+        sock = bind_socket(spec.serve_host, spec.serve_port)
+        port = sock.getsockname()[1]
         executor = build_executor(spec, self.peers, model, config)
         generator = Generator(executor, tokenizer)
         generator.start()
         served = ServedModel(spec.model_id, tokenizer, generator)
         host = RunnerHost(served)
-        sock = bind_socket(spec.serve_host, spec.serve_port)
-        port = sock.getsockname()[1]
         server = uvicorn.Server(
             uvicorn.Config(create_app(host), log_level="warning", lifespan="off", access_log=False)
         )
@@ -284,16 +287,15 @@ class Runner:
             host.ready = False
             host.not_ready_reason = "the instance is stopping"
             server.should_exit = True
-            generator.stop()
+            scheduler_ended = generator.stop()
         if failure is not None:
             time.sleep(0.5)  # let the error responses of the failed requests go out
             raise PeerLostError(failure)
-        executor.close()  # the scheduler thread has ended: this thread may talk now
+        if scheduler_ended:  # only one thread may talk to the other ranks
+            executor.close()
         return self._stopped()
 
-    def _watch(
-        self, generator: Generator, executor: PipelineExecutor | TensorExecutor, port: int
-    ) -> str | None:
+    def _watch(self, generator: Generator, executor: Executor, port: int) -> str | None:
         """Report running/ready until SIGTERM (None) or the instance breaks (the reason)."""
         idle_since: float | None = None
         while not self.stopping.wait(0.1):
