@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeVar
 
 import torch
 
@@ -42,6 +43,7 @@ from shoal.engine.sampling import SamplingParams
 from shoal.engine.sharding import attach_reduce
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Op(IntEnum):
@@ -89,7 +91,9 @@ def _signed64(x: int) -> int:
 
 class HeaderCodec:
     """StepHeader <-> a fixed-size list of int64: 16 fields, then ids, positions and tokens
-    (max_batch each), then room for max_moves moves."""
+    (max_batch each), then room for max_moves moves. Of the sampling parameters only what
+    the sampler reads travels (temperature, top_p, top_k, min_p as float64 bits, the seed);
+    stop strings, max_tokens and EOS handling stay with rank 0's scheduler."""
 
     FIXED = 16
 
@@ -219,7 +223,8 @@ class _Rank0:
                 log.warning("could not tell the other ranks to stop: %s", exc)
             self.failure = "the instance is stopped"
 
-    def _run(self, step: Callable[[], list[int]] | Callable[[], None]):  # noqa: ANN202
+    def _run(self, step: Callable[[], T]) -> T:
+        """Run one exchange with the other ranks; any error breaks the instance for good."""
         if self.failure is not None:
             raise PeerLostError(self.failure)
         try:

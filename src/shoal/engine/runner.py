@@ -298,10 +298,12 @@ class Runner:
     def _watch(self, generator: Generator, executor: Executor, port: int) -> str | None:
         """Report running/ready until SIGTERM (None) or the instance breaks (the reason)."""
         idle_since: float | None = None
+        tokens_seen = generator.stats["tokens"]
         while not self.stopping.wait(0.1):
             if executor.failure is not None:
                 return executor.failure
-            if generator.in_flight:
+            tokens, tokens_seen = tokens_seen, generator.stats["tokens"]
+            if generator.in_flight or tokens != tokens_seen:  # even a request shorter than 0.1 s
                 idle_since = None
                 if self.status.current != "running":
                     self.status("running", port=port)
