@@ -9,9 +9,11 @@ closes the connection after a timeout: the group is unusable from then on).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -71,9 +73,29 @@ def join(rv: Rendezvous) -> Peers:
     """Meet the other ranks; raises InitError naming the store address and interface."""
     if dist.is_initialized():  # one instance per process: its group is the default group
         raise InitError("this process already belongs to a process group")
-    if rv.ifname:  # gloo and NCCL pick their interface when the group is created
-        os.environ["GLOO_SOCKET_IFNAME"] = rv.ifname
-        os.environ["NCCL_SOCKET_IFNAME"] = rv.ifname
+    with _socket_interface(rv.ifname):
+        return _join(rv)
+
+
+@contextlib.contextmanager
+def _socket_interface(ifname: str | None) -> Iterator[None]:
+    """gloo and NCCL read their interface from the environment when a group is created; set
+    it for that, and leave the process's environment (and its children's) as it was."""
+    names = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+    saved = {name: os.environ.get(name) for name in names}
+    if ifname:
+        os.environ.update(dict.fromkeys(names, ifname))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _join(rv: Rendezvous) -> Peers:
     deadline = time.monotonic() + rv.window_s
     tries = try_timeouts(rv.attempts, rv.window_s)
     last_error, number, reached_store = "no try was made", 0, False
