@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_generator import QUESTIONS, prompt, run
-from test_runner import RunnerProcess, free_port
 
 from shoal.engine.distributed import PeerLostError, join
 from shoal.engine.generator import Generator, LocalExecutor
@@ -35,6 +33,8 @@ from shoal.engine.tokenizer import Tokenizer
 from shoal.engine.weights import load_model, open_source
 
 from engine_helpers import bundled_gguf, save_tiny_model
+from test_generator import QUESTIONS, prompt, run
+from test_runner import RunnerProcess, free_port
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -40,9 +40,7 @@ def describe(model_id: str, path: Path, device: str = "cpu") -> LocalModel:
     return LocalModel(model_id, path, held)
 
 
-def local_models(
-    configured: tuple[str, Path] | None, device: str = "cpu"
-) -> dict[str, LocalModel]:
+def local_models(configured: tuple[str, Path] | None, device: str = "cpu") -> dict[str, LocalModel]:
     """The configured --model (if any) plus the bundled model when it is installed."""
     found: dict[str, LocalModel] = {}
     if configured is not None:
