@@ -7,6 +7,7 @@ A runner that fails stays failed with its reason until the plan drops it.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import signal
@@ -38,6 +39,12 @@ class WorkerSettings:
     log_dir: Path | None = None  # runner stderr goes here (one file per runner), else inherited
 
 
+def _die_with_parent() -> None:
+    """A runner must not outlive a node that was killed (SIGKILL runs no cleanup)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class _Runner:
     """One runner subprocess and the newest status it reported."""
 
@@ -61,6 +68,7 @@ class _Runner:
             stdout=subprocess.PIPE,
             stderr=stderr,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         if stderr is not None:
             stderr.close()  # the child holds its own copy
