@@ -116,7 +116,8 @@ class NodeReport(Model):
     models: tuple[HeldModel, ...] = ()
     auto_place: tuple[AutoPlace, ...] = ()
     runners: tuple[RunnerState, ...] = ()
-    plan: ClusterPlan | None = None  # only the leader's counts
+    plan: ClusterPlan | None = None  # the newest this node adopted; the leader's is the source
+    health: tuple[PathHealth, ...] = ()
 
 
 # -- instances: what the leader plans and what each node runs ----------------------------------
@@ -170,6 +171,19 @@ class ClusterPlan(Model):
     version: int = 0
     leader: str = ""
     instances: tuple[InstanceSpec, ...] = ()
+
+
+class PathHealth(Model):
+    """A node's verdict on one of its outbound paths (cluster.health)."""
+
+    peer_node_id: str
+    peer_addr: str
+    interface_kind: InterfaceKind = InterfaceKind.OTHER
+    status: str = "ok"  # ok | degraded | down
+    reason: str = ""
+    since: float = 0.0
+    baseline_ms: float | None = None
+    current_ms: float | None = None
 
 
 class RunnerState(Model):
