@@ -70,13 +70,13 @@ def test_render_explains_each_hop_of_an_instance():
         layer_ranges=((0, 15), (15, 30)), store_address="192.168.100.1", store_port=41000,
         rank_addresses=("192.168.100.1", "192.168.100.2"), rank_interfaces=("en5", "en5"),
     )  # fmt: skip
-    failed = RunnerState(runner_id="inst1-r1", instance_id="inst1", status="failed",
+    failed = RunnerState(runner_id="inst1-g0-r1", instance_id="inst1", status="failed",
                          reason="init timed out")  # fmt: skip
     slow = {"from_node": "aaaa1111", "from_addr": "100.64.0.1", "to_node": "bbbb2222",
             "to_addr": "100.64.0.2:52415", "interface_kind": "vpn", "direction": "outbound",
             "rtt_ms_ewma": 41.0, "recent": True, "recorded_by": "aaaa1111"}  # fmt: skip
     state = {**STATE, "links": [*STATE["links"], slow],
-             "instances": {"inst1": instance_document(spec, {"inst1-r1": failed})}}  # fmt: skip
+             "instances": {"inst1": instance_document(spec, {"inst1-g0-r1": failed})}}  # fmt: skip
     out = io.StringIO()
     render(state, out)
     text = out.getvalue()

@@ -172,18 +172,18 @@ def test_interface_for_an_address(host: str, expected: str | None) -> None:
 
 def test_instance_document_has_exo_shape_and_round_trips() -> None:
     spec = instance()
-    running = {runner_id("i1", 0): RunnerState(runner_id="i1-r0", instance_id="i1",
+    running = {runner_id("i1", 0): RunnerState(runner_id="i1-g0-r0", instance_id="i1",
                                                 status="ready")}  # fmt: skip
     doc = instance_document(spec, running)
     (meta, body), = doc.items()
     assert meta == "GlooInstance"
-    assert body["nodeToRunner"] == {"a": "i1-r0", "b": "i1-r1"}
-    shard = body["runnerToShard"]["i1-r1"]["PipelineShardMetadata"]
+    assert body["nodeToRunner"] == {"a": "i1-g0-r0", "b": "i1-g0-r1"}
+    shard = body["runnerToShard"]["i1-g0-r1"]["PipelineShardMetadata"]
     assert (shard["deviceRank"], shard["worldSize"], shard["startLayer"], shard["endLayer"]) == (
         1, 2, 20, 30,
     )  # fmt: skip
-    assert body["runnerStatus"]["i1-r0"]["status"] == "ready"
-    assert body["runnerStatus"]["i1-r1"]["status"] == "pending"
+    assert body["runnerStatus"]["i1-g0-r0"]["status"] == "ready"
+    assert body["runnerStatus"]["i1-g0-r1"]["status"] == "pending"
     assert parse_instance_document(doc) == ("m", "pipeline", "GlooInstance", ["a", "b"])
 
 

@@ -101,6 +101,11 @@ class RunSettings:
         "of interface names or addresses",
     )
     leader: bool = _flag(False, "prefer this node as the cluster leader")
+    rtt_bounds: str = _flag(
+        "",
+        "per link kind, the RTT (ms) past which a path is degraded and preflight refuses it, "
+        "e.g. 'vpn=50,ethernet=5' (defaults: thunderbolt 5, ethernet/veth 10, wifi 50, vpn 200)",
+    )
     suspect_after: float = _flag(2.0, "seconds without a report before a peer is suspect")
     gone_after: float = _flag(4.0, "seconds without a report before a peer is gone")
     paths: Paths = field(default_factory=Paths.from_env)

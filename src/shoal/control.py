@@ -26,18 +26,27 @@ from shoal.cluster.plan import (
     model_spec,
     newest_plan,
     pending_auto_places,
-    runner_id,
+    runner_of,
     with_instance,
     without_instance,
 )
 from shoal.cluster.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
 from shoal.cluster.service import ClusterService
 from shoal.placement.planner import CandidateReason, Placement, PlacementRequest, Refusal, plan
+from shoal.placement.preflight import PathCheck, preflight
+from shoal.placement.review import review
 from shoal.worker import Worker
 
 log = logging.getLogger(__name__)
 
 SERVING = ("ready", "running")
+LEADER_GRACE_S = 3.0  # a starting node hears its peers' plans before it may lead
+
+
+def _refusal_text(result: object) -> str:
+    if isinstance(result, Refusal):
+        return "; ".join(r.reason for r in result.reasons) or "no candidate"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,13 @@ class Controller:
         self.auto_place = auto_place
         self.context_tokens = context_tokens
         self.plan = ClusterPlan()  # the newest adopted
+        self.events = service.events
+        self.thresholds = service.settings.thresholds
+        self.alerts: dict[str, str] = {}  # instance id -> why it cannot serve as placed
         self._auto_refused: dict[str, str] = {}  # model -> last reason logged
+        self._runner_status: dict[str, str] = {}  # runner id -> last status seen (for events)
+        self._started = time.monotonic()
+        self._best_rates: dict[str, float] = {}
         service.report_extras = self._report_fields
         service.on_tick = self.tick
 
@@ -93,10 +108,13 @@ class Controller:
 
     def tick(self) -> None:
         adopted = newest_plan(self.plan, self.reports())
-        if self.is_leader():
+        # A node that just started leads only after it had the time to hear its peers' plans.
+        if self.is_leader() and time.monotonic() - self._started >= LEADER_GRACE_S:
             adopted = lead(adopted, self.node_id)
             for want in pending_auto_places(self.reports(), adopted):
                 adopted = self._auto(adopted, want)
+            adopted = self._review(adopted)
+        self._note_runner_changes()
         if adopted != self.plan:
             log.info(
                 "plan term %d version %d: %d instance(s)",
@@ -115,7 +133,7 @@ class Controller:
             "GlooInstance" if want.backend == "gloo" else "NcclInstance",
             min_nodes=want.min_nodes,
         )
-        result = self.place(ask, "auto")
+        result = self.place(ask)
         if isinstance(result, InstanceSpec):
             log.info(
                 "placed %s on %s (auto, --min-nodes %d)",
@@ -136,19 +154,91 @@ class Controller:
             self._auto_refused[want.model_id] = text
         return current
 
+    def _review(self, current: ClusterPlan) -> ClusterPlan:
+        """Move instances that cannot serve as placed, or whose paths got much slower."""
+        reports, runners, now = self.reports(), self.runner_states(), time.time()
+        alerts = {}
+        for instance in current.instances:
+            ask = PlaceAsk(
+                instance.model_id,
+                instance.sharding,
+                instance.backend,
+                instance.meta,
+                min_nodes=len(instance.nodes),
+                max_nodes=len(instance.nodes),
+            )
+            result = self.place(ask, instance.instance_id, generation=instance.generation + 1)
+            candidate = result if isinstance(result, InstanceSpec) else None
+            verdict = review(instance, candidate, reports, runners, now)
+            if verdict.move and candidate is not None:
+                moved = candidate.model_copy(update={"reason": verdict.reason})
+                current = with_instance(current, moved)
+                self._event(
+                    "moved",
+                    f"instance {instance.instance_id} ({instance.model_id}) "
+                    f"re-placed on {', '.join(self._name(n) for n in moved.nodes)}"
+                    f" at {moved.store_address}: {verdict.reason}",
+                    instance=instance.instance_id,
+                )
+            elif verdict.reason:
+                why = "" if candidate else f"; no other layout: {_refusal_text(result)}"
+                alerts[instance.instance_id] = verdict.reason + why
+        for iid, text in alerts.items():
+            if self.alerts.get(iid) != text:
+                self._event("instance", f"instance {iid}: {text}", instance=iid)
+        self.alerts = alerts
+        return current
+
+    def _note_runner_changes(self) -> None:
+        for state in self.worker.states():
+            before = self._runner_status.get(state.runner_id)
+            if state.status != before:
+                self._runner_status[state.runner_id] = state.status
+                if state.status == "failed":
+                    self._event(
+                        "runner_failed",
+                        f"runner {state.runner_id} failed: {state.reason}",
+                        instance=state.instance_id,
+                    )
+
+    def best_rate(self, instance_id: str, rate: float) -> float:
+        """The instance's best tok/s seen here: the baseline its current rate is read against."""
+        best = max(rate, self._best_rates.get(instance_id, 0.0))
+        self._best_rates[instance_id] = best
+        return best
+
+    def _event(self, kind: str, message: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.add(kind, message, **fields)
+        else:
+            log.warning("%s: %s", kind, message)
+
+    def _name(self, node_id: str) -> str:
+        report = self.service.view.report_of(node_id)
+        return report.name if report and report.name else node_id[:8]
+
     def _report_fields(self) -> dict[str, Any]:
         models = tuple(m.held for m in self.worker.models.values())
         return dict(
             models=models,
             auto_place=self.auto_place,
             runners=self.worker.states(),
-            plan=self.plan if self.is_leader() else None,
+            plan=self.plan,  # followers echo it: a restarted leader finds it again
         )
 
     # -- placement -------------------------------------------------------------------------
 
-    def place(self, ask: PlaceAsk, instance_id: str | None = None) -> InstanceSpec | Refusal:
-        """A fresh layout for the ask from the current view, or every reason there is none."""
+    def place(
+        self,
+        ask: PlaceAsk,
+        instance_id: str | None = None,
+        generation: int = 0,
+        preflight_checks: bool = True,
+    ) -> InstanceSpec | Refusal:
+        """A fresh layout for the ask from the current view, or every reason there is none.
+
+        With preflight_checks, a layout whose paths miss the thresholds is refused with the
+        measured numbers (and a better path where one was measured)."""
         reports = self.reports()
         held = holders(reports, ask.model_id)
         extra: list[CandidateReason] = []
@@ -186,14 +276,33 @@ class Controller:
         if isinstance(result, Refusal):
             return Refusal((*extra, *result.reasons))
         assert isinstance(result, Placement)
-        return instance_from_placement(
+        instance = instance_from_placement(
             result,
             request,
             instance_id=instance_id or str(uuid.uuid4()),
             meta=ask.meta,
             reports={r.node_id: r for r in reports},
             now=now,
+            generation=generation,
         )
+        if preflight_checks:
+            failed = [c for c in self.preflight(instance) if not c.ok]
+            if failed:
+                return Refusal(
+                    tuple(
+                        CandidateReason(
+                            instance.nodes,
+                            f"preflight: {c.describe()}"
+                            + (f"; better measured path: {c.better}" if c.better else ""),
+                        )
+                        for c in failed
+                    )
+                )
+        return instance
+
+    def preflight(self, instance: InstanceSpec) -> list[PathCheck]:
+        reports = {r.node_id: r for r in self.reports()}
+        return preflight(instance, reports, self.thresholds)
 
     # -- plan changes (leader only; the API forwards otherwise) ----------------------------
 
@@ -248,7 +357,7 @@ class Controller:
         states = self.runner_states()
         why = []
         for i in sorted(instances, key=lambda i: i.created_at):
-            head = states.get(runner_id(i.instance_id, 0))
+            head = states.get(runner_of(i, 0))
             if head is None or head.status not in SERVING or head.port is None:
                 status = head.status if head else "not started"
                 detail = f": {head.reason}" if head and head.reason else ""

@@ -24,6 +24,8 @@ import uvicorn
 from shoal import __version__
 from shoal.api.app import create_app
 from shoal.cluster.discovery import local_addresses, parse_static_peers, resolve_interfaces
+from shoal.cluster.events import EventLog
+from shoal.cluster.health import parse_bounds
 from shoal.cluster.identity import load_identity
 from shoal.cluster.report import AutoPlace, HeldModel
 from shoal.cluster.service import ClusterService, ClusterSettings
@@ -97,6 +99,7 @@ class Node:
         self.cluster_settings = cluster_settings(settings)
         self.cluster: ClusterService | None = None
         self.controller: Controller | None = None
+        self.events = EventLog(settings.paths.data, self.identity.boot_id)
         self.worker = Worker(
             self.identity.node_id,
             self.held,
@@ -215,12 +218,14 @@ class Node:
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
         self._server = _Server(config, on_exit=self._end_generations)
+        self.events.start()  # a crash of the previous run is recorded here
         serving = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started and not serving.done():
             await asyncio.sleep(0.02)
         if self._server.started:
             host, port = sock.getsockname()[:2]
             self.cluster = ClusterService(self.identity, self.cluster_settings, host, port)
+            self.cluster.events = self.events
             self.controller = Controller(
                 self.cluster, self.worker, self._auto_place(), self.settings.max_seq_len
             )
@@ -233,6 +238,7 @@ class Node:
             await asyncio.to_thread(self.worker.stop_all)  # runners end before we say goodbye
             if self.cluster is not None:
                 await self.cluster.stop()  # goodbyes to peers, mDNS goodbye, sockets closed
+            self.events.stop()  # a clean stop: the next start records no crash
 
     def _auto_place(self) -> tuple[AutoPlace, ...]:
         if self.choice is None or self.settings.min_nodes < 2:
@@ -273,7 +279,12 @@ def cluster_settings(settings: RunSettings) -> ClusterSettings:
                 f"--discovery-interfaces: {exc}; pass interface names or addresses of this "
                 "machine, 'all' or 'none'"
             ) from None
+    try:
+        thresholds = parse_bounds(settings.rtt_bounds)
+    except ValueError as exc:
+        raise StartupError(f"--rtt-bounds: {exc}") from None
     return ClusterSettings(
+        thresholds=thresholds,
         namespace=settings.namespace,
         static_peers=peers,
         discovery=where != "none",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shoal.cluster.plan import desired_runners
 from shoal.cluster.report import ClusterPlan, InstanceSpec, RunnerState
-from shoal.engine.runner import RunnerSpec
+from shoal.engine.runner import TOKENS_EVERY_S, RunnerSpec
 from shoal.models.local import LocalModel
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,10 @@ class WorkerSettings:
 
 
 def _die_with_parent() -> None:
-    """A runner must not outlive a node that was killed (SIGKILL runs no cleanup)."""
+    """A runner must not outlive a node that was killed: its ranks' sockets close at once, so
+    the instance's other ranks fail their steps now instead of at a collective timeout."""
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class _Runner:
@@ -59,6 +60,7 @@ class _Runner:
             since=time.time(),
         )
         self._lock = threading.Lock()
+        self._last_count = (time.monotonic(), 0)
         stderr = None
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
@@ -90,12 +92,13 @@ class _Runner:
             except (ValueError, KeyError, TypeError):
                 log.debug("runner %s: %s", self.state.runner_id, raw.decode(errors="replace"))
                 continue
-            port = line.get("port")
-            self._update(
-                status=status,
-                reason=line.get("reason"),
-                **({"port": int(port)} if isinstance(port, int) else {}),
-            )
+            port, tokens = line.get("port"), line.get("tokens")
+            changes: dict[str, object] = {"status": status, "reason": line.get("reason")}
+            if isinstance(port, int):
+                changes["port"] = port
+            if isinstance(tokens, int):
+                changes.update(self._rate(tokens))
+            self._update(**changes)
             log.info(
                 "runner %s: %s%s",
                 self.state.runner_id,
@@ -108,6 +111,14 @@ class _Runner:
             if code < 0:
                 reason = f"the runner process was killed by {signal.Signals(-code).name}"
             self._update(status="failed", reason=reason)
+
+    def _rate(self, tokens: int) -> dict[str, object]:
+        """tok/s between two token counts taken while generating."""
+        now, (then, before) = time.monotonic(), self._last_count
+        self._last_count = (now, tokens)
+        if tokens <= before or now - then > 3 * TOKENS_EVERY_S:  # idle in between: no rate
+            return {"tokens": tokens}
+        return {"tokens": tokens, "tok_s": round((tokens - before) / (now - then), 2)}
 
     def stop(self) -> None:
         if self.proc.poll() is None:

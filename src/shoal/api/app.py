@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from shoal import __version__
-from shoal.api import cluster, instances, openai
+from shoal.api import cluster, instances, metrics, openai
 from shoal.api.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected
 from shoal.api.host import ModelHost
 
@@ -18,6 +18,7 @@ def create_app(host: ModelHost) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(cluster.router)
     app.include_router(instances.router)
+    app.include_router(metrics.router)
 
     @app.get("/health", response_model=None)
     async def health() -> JSONResponse:

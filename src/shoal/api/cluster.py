@@ -59,8 +59,19 @@ async def state(request: Request) -> dict[str, Any]:
     if controller is not None:
         document["instances"] = controller.instances_document()
         document["runners"] = {rid: s.model_dump() for rid, s in controller.runner_states().items()}
-        document["plan"] = {"term": controller.plan.term, "version": controller.plan.version,
-                            "leader": controller.plan.leader}  # fmt: skip
+        document["alerts"] = alerts_of(controller)
+        document["preflight"] = {
+            i.instance_id: [
+                {**c.__dict__, "message": c.describe()} for c in controller.preflight(i)
+            ]
+            for i in controller.plan.instances
+        }
+        document["events"] = controller.events.recent() if controller.events else []
+        document["plan"] = {
+            "term": controller.plan.term,
+            "version": controller.plan.version,
+            "leader": controller.plan.leader,
+        }
     return document
 
 
@@ -74,3 +85,49 @@ async def nodes(request: Request) -> dict[str, Any]:
 async def links(request: Request) -> dict[str, Any]:
     cluster = _cluster(request)
     return links_document(cluster.view, cluster.report, time.time())
+
+
+@router.get("/cluster/alerts")
+async def alerts(request: Request) -> dict[str, Any]:
+    """What is wrong now (paths degraded or down, instances that cannot serve as placed) and
+    this node's recent history of crashes, failovers and degradations."""
+    controller = getattr(request.app.state.host, "controller", None)
+    if controller is None:
+        raise ApiError(503, "The cluster service is not running on this node.", code="no_cluster")
+    return {
+        "alerts": alerts_of(controller),
+        "events": controller.events.recent() if controller.events else [],
+    }
+
+
+def alerts_of(controller: Any) -> list[dict[str, Any]]:
+    names = {r.node_id: r.name or r.node_id[:8] for r in controller.reports()}
+    out = []
+    for r in controller.reports():
+        for h in r.health:
+            if h.status != "ok":
+                peer = names.get(h.peer_node_id, h.peer_node_id[:8])
+                where = f"{names[r.node_id]} -> {peer} at {h.peer_addr} ({h.interface_kind})"
+                out.append(
+                    {
+                        "kind": "path",
+                        "status": h.status,
+                        "node": r.node_id,
+                        "message": f"{where}: {h.reason}",
+                        "since": h.since,
+                    }
+                )
+    for iid, text in controller.alerts.items():
+        out.append({"kind": "instance", "status": "degraded", "instance": iid, "message": text})
+    for s in controller.runner_states().values():
+        if s.status == "failed":
+            out.append(
+                {
+                    "kind": "runner",
+                    "status": "failed",
+                    "runner": s.runner_id,
+                    "message": f"runner {s.runner_id} failed: {s.reason}",
+                    "since": s.since,
+                }
+            )
+    return out

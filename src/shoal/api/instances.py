@@ -88,6 +88,30 @@ async def placement(
     return instance_document(result)
 
 
+@router.get("/instance/preflight")
+async def preflight(
+    request: Request,
+    model_id: str = Query(...),
+    sharding: str | None = Query(None),
+    instance_meta: str | None = Query(None),
+    min_nodes: int = Query(1),
+) -> dict[str, Any]:
+    """The paths the layout placement would choose needs, each against its thresholds."""
+    controller = _controller(request)
+    ask = _ask(model_id, sharding, instance_meta, min_nodes)
+    result = controller.place(ask, preflight_checks=False)
+    if isinstance(result, Refusal):
+        raise ApiError(
+            400, f"No placement for {model_id}: {_refusal_text(result)}.", code="no_placement"
+        )
+    checks = controller.preflight(result)
+    return {
+        "ok": all(c.ok for c in checks),
+        "instance": instance_document(result),
+        "checks": [{**c.__dict__, "message": c.describe()} for c in checks],
+    }
+
+
 @router.get("/instance/previews")
 async def previews(
     request: Request, model_id: str = Query(...), node_ids: str | None = Query(None)

@@ -68,6 +68,13 @@ class Job:
         """The generation's events; a failed generation raises ApiError(500)."""
         async with aclosing(self.model.stream(self.prompt, self.params)) as events:
             async for event in events:
+                if event.finish_reason == "aborted":  # a stop or a move, not the request's fault
+                    raise ApiError(
+                        503,
+                        f"The generation was stopped: {event.error}; retry the request.",
+                        code="server_stopping",
+                        type="service_unavailable",
+                    )
                 if event.finish_reason not in (None, "stop", "length"):
                     reason = event.error or f"the generation was {event.finish_reason}"
                     raise ApiError(500, f"Generation failed: {reason}.", code="generation_failed")
@@ -273,14 +280,19 @@ async def list_models(request: Request, status: str | None = None) -> ModelList:
     controller = getattr(host, "controller", None)
     if status == "downloaded":
         held = host.held_models if hasattr(host, "held_models") else {}
-        return ModelList(data=[ModelCard(id=m, created=0, context_length=h.context_length)
-                               for m, h in sorted(held.items())])  # fmt: skip
+        return ModelList(
+            data=[
+                ModelCard(id=m, created=0, context_length=h.context_length)
+                for m, h in sorted(held.items())
+            ]
+        )
     if status not in (None, ""):
         raise invalid_request("status must be 'downloaded' or left out.", param="status")
     cards = [_card(name, m) for name, m in host.models.items()]
     if controller is not None:
-        cards += [_placed_card(controller, m) for m in controller.models_served()
-                  if m not in host.models]  # fmt: skip
+        cards += [
+            _placed_card(controller, m) for m in controller.models_served() if m not in host.models
+        ]
     return ModelList(data=cards)
 
 
@@ -294,7 +306,9 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 
 def _placed_card(controller: Any, model_id: str) -> ModelCard:
     instance = next(i for i in controller.plan.instances if i.model_id == model_id)
-    held = next((m for r in controller.reports() for m in r.models if m.model_id == model_id),
-                None)  # fmt: skip
-    return ModelCard(id=model_id, created=int(instance.created_at),
-                     context_length=held.context_length if held else None)  # fmt: skip
+    held = next((m for r in controller.reports() for m in r.models if m.model_id == model_id), None)
+    return ModelCard(
+        id=model_id,
+        created=int(instance.created_at),
+        context_length=held.context_length if held else None,
+    )

@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from shoal.api.errors import ApiError
+from shoal.api.sse import DONE, sse
 from shoal.control import Controller
 
 READY_WAIT_S = 60.0  # a request for an instance still loading waits this long for it
@@ -60,10 +61,22 @@ async def forward(request: Request, base_url: str, path: str) -> Response:
         ) from None
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
 
+    streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
+
     async def relay() -> AsyncIterator[bytes]:
         try:
             async for chunk in upstream.aiter_raw():
                 yield chunk
+        except httpx.HTTPError as exc:  # rank 0 went away mid-answer: say so, never hang
+            if streaming:
+                lost = ApiError(
+                    503,
+                    f"The instance's rank 0 at {base_url} went away mid-answer "
+                    f"({type(exc).__name__}); retry the request.",
+                    code="instance_lost",
+                    type="service_unavailable",
+                )
+                yield ("\n\n" + sse(lost.body()) + DONE).encode()
         finally:
             await upstream.aclose()
             await client.aclose()

@@ -92,14 +92,19 @@ def find_instance(plan: ClusterPlan, instance_id: str) -> InstanceSpec | None:
     return next((i for i in plan.instances if i.instance_id == instance_id), None)
 
 
-def runner_id(instance_id: str, rank: int) -> str:
-    return f"{instance_id}-r{rank}"
+def runner_id(instance_id: str, rank: int, generation: int = 0) -> str:
+    """A new generation of an instance gets new runners (the old ones are stopped)."""
+    return f"{instance_id}-g{generation}-r{rank}"
+
+
+def runner_of(instance: InstanceSpec, rank: int) -> str:
+    return runner_id(instance.instance_id, rank, instance.generation)
 
 
 def desired_runners(plan: ClusterPlan, node_id: str) -> dict[str, tuple[InstanceSpec, int]]:
     """runner id -> (instance, rank) for every rank the plan puts on this node."""
     return {
-        runner_id(i.instance_id, rank): (i, rank)
+        runner_of(i, rank): (i, rank)
         for i in plan.instances
         for rank, node in enumerate(i.nodes)
         if node == node_id
@@ -138,9 +143,11 @@ def holders(reports: Iterable[NodeReport], model_id: str) -> dict[str, HeldModel
     return {r.node_id: m for r in reports for m in r.models if m.model_id == model_id}
 
 
-def store_port(instance_id: str) -> int:
+def store_port(instance_id: str, generation: int = 0) -> int:
+    """Per generation, so a new process group never waits on the old one's port."""
     low, high = STORE_PORTS
-    digest = int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:4], "big")
+    key = f"{instance_id}/{generation}".encode()
+    digest = int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
     return low + digest % (high - low + 1)
 
 
@@ -169,6 +176,8 @@ def instance_from_placement(
     meta: str,
     reports: Mapping[str, NodeReport],
     now: float,
+    generation: int = 0,
+    reason: str = "",
 ) -> InstanceSpec:
     return InstanceSpec(
         instance_id=instance_id,
@@ -179,13 +188,15 @@ def instance_from_placement(
         nodes=placement.nodes,
         layer_ranges=placement.layer_ranges,
         store_address=placement.store_address,
-        store_port=store_port(instance_id),
+        store_port=store_port(instance_id, generation),
         rank_addresses=placement.rank_addresses,
         rank_interfaces=tuple(
             interface_for(reports.get(node), addr)
             for node, addr in zip(placement.nodes, placement.rank_addresses, strict=True)
         ),
         created_at=now,
+        generation=generation,
+        reason=reason,
     )
 
 
@@ -201,7 +212,7 @@ def instance_document(
     num_layers = max((end for _, end in instance.layer_ranges), default=0)
     node_to_runner, runner_to_shard, status, hosts = {}, {}, {}, {}
     for rank, node in enumerate(instance.nodes):
-        rid = runner_id(instance.instance_id, rank)
+        rid = runner_of(instance, rank)
         start, end = instance.layer_ranges[rank]
         node_to_runner[node] = rid
         runner_to_shard[rid] = {
@@ -233,6 +244,8 @@ def instance_document(
         "rankInterfaces": dict(zip(instance.nodes, instance.rank_interfaces, strict=False)),
         "runnerStatus": status,
         "createdAt": instance.created_at,
+        "generation": instance.generation,
+        "placedBecause": instance.reason,
     }
     return {instance.meta: body}
 

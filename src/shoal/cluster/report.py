@@ -162,6 +162,8 @@ class InstanceSpec(Model):
     rank_addresses: tuple[str, ...] = ()  # where each rank is reached
     rank_interfaces: tuple[str | None, ...] = ()  # GLOO/NCCL_SOCKET_IFNAME per rank
     created_at: float = 0.0
+    generation: int = 0  # bumped when the leader re-places it (failover, recovery)
+    reason: str = ""  # why this generation was placed
 
 
 class ClusterPlan(Model):
@@ -198,6 +200,8 @@ class RunnerState(Model):
     port: int | None = None  # rank 0: its OpenAI endpoint's port
     pid: int | None = None
     since: float = 0.0
+    tokens: int = 0  # rank 0: tokens generated so far
+    tok_s: float | None = None  # rank 0: recent generation rate
 
 
 NodeReport.model_rebuild()

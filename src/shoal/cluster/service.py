@@ -24,6 +24,8 @@ from pydantic import ValidationError
 
 from shoal import __version__
 from shoal.cluster.discovery import Discovery, PeerAnnouncement, namespace_hash
+from shoal.cluster.events import EventLog
+from shoal.cluster.health import PathHealthTracker, Thresholds
 from shoal.cluster.identity import NodeIdentity
 from shoal.cluster.interfaces import local_interfaces
 from shoal.cluster.links import Prober
@@ -54,6 +56,7 @@ class ClusterSettings:
     probe_interval: float = 1.0
     timing: Timing = field(default_factory=Timing)
     secret: bytes | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
 
 @dataclass
@@ -109,6 +112,8 @@ class ClusterService:
         self._tasks: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
         self._stopping = False
+        self.health = PathHealthTracker(settings.thresholds)
+        self.events: EventLog | None = None  # set by the node: history across restarts
         # Hooks for the node's plan controller: extra report fields, and a call per poll tick.
         self.report_extras: Callable[[], dict[str, Any]] = dict
         self.on_tick: Callable[[], None] = lambda: None
@@ -192,6 +197,7 @@ class ClusterService:
             started = time.monotonic()
             if ticks and ticks % 30 == 0:  # cables and addresses change rarely
                 await self._read_local_hardware()
+            self._judge_paths()
             self._refresh_report()
             await self._poll_peers()
             self.view.refresh(time.time())
@@ -203,6 +209,32 @@ class ClusterService:
             ticks += 1
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.05, self.settings.poll_interval - elapsed))
+
+    def _judge_paths(self) -> None:
+        now = time.time()
+        for change in self.health.observe(self.prober.snapshot(now), now):
+            if self.events is None:
+                continue
+            name = self._name_of(change.peer_node_id)
+            where = f"path to {name} at {change.peer_addr} ({change.interface_kind})"
+            if change.status == "ok":
+                self.events.add(
+                    "recovered",
+                    f"{where} is ok again",
+                    peer=change.peer_node_id,
+                    addr=change.peer_addr,
+                )
+            else:
+                self.events.add(
+                    change.status,
+                    f"{where}: {change.reason}",
+                    peer=change.peer_node_id,
+                    addr=change.peer_addr,
+                )
+
+    def _name_of(self, node_id: str) -> str:
+        report = self.view.report_of(node_id)
+        return report.name if report and report.name else node_id[:8]
 
     async def _read_local_hardware(self) -> None:
         self._interfaces = tuple(await asyncio.to_thread(local_interfaces))
@@ -335,6 +367,7 @@ class ClusterService:
             thunderbolt=self._thunderbolt,
             links=tuple(self.prober.snapshot(time.time())),
             shutting_down=shutting_down,
+            health=self.health.snapshot(time.time()),
             **self.report_extras(),
         )
         # seq moves only when the content does, so an unchanged report polls as 304.

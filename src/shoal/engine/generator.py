@@ -57,6 +57,9 @@ class Sequence:
         return len(self.prompt) + len(self.output)
 
 
+SHUTTING_DOWN = "the server is shutting down"  # finish_reason "aborted": safe to retry
+
+
 class ContextLengthError(ValueError):
     pass
 
@@ -285,7 +288,7 @@ class Generator:
                 self._active.clear()
                 self._waiting.clear()
         for seq in self._active + list(self._waiting):
-            self._finish(seq, "error", error="the server is shutting down")
+            self._finish(seq, "aborted", error=SHUTTING_DOWN)
 
     def _step(self) -> None:
         self._drop_cancelled()

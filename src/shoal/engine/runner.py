@@ -71,6 +71,7 @@ class RunnerSpec(BaseModel):
 # -- building one rank ------------------------------------------------------------------------
 
 LOAD_TIMEOUT_S = 900.0  # every rank holds its shard within this, or the instance fails
+TOKENS_EVERY_S = 2.0  # rank 0 reports its token count this often while generating
 IDLE_DEBOUNCE_S = 0.5  # rank 0 reports "ready" again after this long without requests
 
 
@@ -167,10 +168,17 @@ class StatusWriter:
         self.current: str | None = None
         self._lock = threading.RLock()  # SIGTERM may write while a line is being written
 
-    def __call__(self, status: str, reason: str | None = None, port: int | None = None) -> None:
+    def __call__(
+        self,
+        status: str,
+        reason: str | None = None,
+        port: int | None = None,
+        tokens: int | None = None,
+    ) -> None:
         with self._lock:
             self.current = status
-            line = json.dumps({"status": status, "reason": reason, "port": port})
+            fields = {"status": status, "reason": reason, "port": port}
+            line = json.dumps(fields if tokens is None else {**fields, "tokens": tokens})
             self.stream.write(line + "\n")
             self.stream.flush()
 
@@ -299,6 +307,7 @@ class Runner:
         """Report running/ready until SIGTERM (None) or the instance breaks (the reason)."""
         idle_since: float | None = None
         tokens_seen = generator.stats["tokens"]
+        reported_at, reported_tokens = time.monotonic(), tokens_seen
         while not self.stopping.wait(0.1):
             if executor.failure is not None:
                 return executor.failure
@@ -306,11 +315,15 @@ class Runner:
             if generator.in_flight or tokens != tokens_seen:  # even a request shorter than 0.1 s
                 idle_since = None
                 if self.status.current != "running":
-                    self.status("running", port=port)
+                    self.status("running", port=port, tokens=tokens_seen)
             elif self.status.current == "running":
                 idle_since = idle_since or time.monotonic()
                 if time.monotonic() - idle_since >= IDLE_DEBOUNCE_S:
-                    self.status("ready", port=port)
+                    self.status("ready", port=port, tokens=tokens_seen)
+            # the token count now and then, so the node can report this instance's tok/s
+            if tokens_seen != reported_tokens and time.monotonic() - reported_at >= TOKENS_EVERY_S:
+                self.status(self.status.current or "running", port=port, tokens=tokens_seen)
+                reported_at, reported_tokens = time.monotonic(), tokens_seen
         return None
 
 

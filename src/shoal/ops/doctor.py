@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 import httpx
@@ -64,6 +65,22 @@ def render(state: dict[str, Any], out: TextIO) -> None:
     for refused in state.get("refused", []):
         out.write(f"  refused {refused.get('node_id')}: {refused.get('reason')}\n")
     _render_instances(state, names, out)
+    _render_health(state, out)
+
+
+def _render_health(state: dict[str, Any], out: TextIO) -> None:
+    """Alerts now, then this node's history of crashes, moves and degradations."""
+    if "alerts" not in state:
+        return
+    alerts = state.get("alerts", [])
+    out.write(f"\nalerts: {'none' if not alerts else len(alerts)}\n")
+    for a in alerts:
+        out.write(f"  ! {a.get('kind')} {a.get('status')}: {a.get('message')}\n")
+    events = state.get("events", [])
+    out.write(f"\nhistory ({len(events)} recent)\n")
+    for e in events[-15:]:
+        at = time.strftime("%H:%M:%S", time.localtime(e.get("at", 0)))
+        out.write(f"  {at} {e.get('kind', '?'):<13} {e.get('message', '')}\n")
 
 
 def _render_instances(state: dict[str, Any], names: dict[str, str], out: TextIO) -> None:
@@ -91,6 +108,17 @@ def _render_instances(state: dict[str, Any], names: dict[str, str], out: TextIO)
             )
         nodes = [node for _, node, _, _ in ranks]
         hops = list(zip(nodes, nodes[1:] + nodes[:1], strict=True)) if len(nodes) > 1 else []
+        checks = state.get("preflight", {}).get(iid)
+        if checks is not None:
+            failed = [c for c in checks if not c.get("ok")]
+            out.write(
+                f"    preflight: {'ok' if not failed else 'FAILED'} ({len(checks)} paths checked)\n"
+            )
+            for c in failed:
+                better = f"; better: {c['better']}" if c.get("better") else ""
+                out.write(f"      ! {c.get('message')}{better}\n")
+        if body.get("placedBecause"):
+            out.write(f"    generation {body.get('generation')}: {body['placedBecause']}\n")
         for a, b in hops:
             out.write(
                 f"    why {_short(a, names)} -> {_short(b, names)}: {_why(state, body, a, b)}\n"

@@ -25,6 +25,7 @@ from shoal.cluster.report import InterfaceKind, PathStats
 DEFAULT_PREFERRED_SUBNETS = ("192.168.100.0/24",)
 RTT_BUCKETS_MS = (1.0, 5.0, 20.0, 100.0)  # <1 ms, <5, <20, <100, slower
 RECENT_S = 10.0  # a success older than this no longer counts as "usable now"
+FAILING_AFTER_S = 3.0  # probes sent this long after the last reply, none answered: failing
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
 _KIND_ORDER = {
@@ -50,6 +51,7 @@ class PathOption:
     last_success: float | None = None  # unix time
     rdma: bool = False
     bridge_alias: bool = False  # an address on a bridge that also carries a direct port
+    failing: bool = False  # the prober's own record: its recent probes go unanswered
 
 
 def rtt_bucket(rtt_ms: float | None) -> int:
@@ -97,7 +99,11 @@ def rank_key(
     recent_s: float = RECENT_S,
 ) -> tuple[int, ...]:
     """Smaller is better; the tuple's order is the module docstring's order."""
-    usable = option.last_success is not None and now - option.last_success <= recent_s
+    usable = (
+        option.last_success is not None
+        and now - option.last_success <= recent_s
+        and not option.failing
+    )
     kind = -1 if option.rdma else _KIND_ORDER.get(option.interface_kind, 4)
     return (
         0 if usable else 1,
@@ -128,10 +134,18 @@ def options_to(peer_node_id: str, links: Iterable[PathStats]) -> list[PathOption
             interface_name=p.local_interface,
             rtt_ms=p.rtt_ms_ewma,
             last_success=p.last_success,
+            failing=is_failing(p),
         )
         for p in links
         if p.peer_node_id == peer_node_id and p.direction == "outbound"
     ]
+
+
+def is_failing(p: PathStats) -> bool:
+    """Judged on the prober's own clock (attempt vs reply), so clock skew cannot fake it."""
+    if p.direction != "outbound" or p.last_attempt is None:
+        return False
+    return p.last_success is None or p.last_attempt - p.last_success >= FAILING_AFTER_S
 
 
 def host_of(address: str) -> str:

@@ -114,7 +114,8 @@ class _Links:
         if held is not None:  # one address, both ends' records: newest success, outbound RTT
             last = max((t for t in (held.last_success, o.last_success) if t is not None),
                        default=None)  # fmt: skip
-            o = replace(held, last_success=last, rtt_ms=held.rtt_ms or o.rtt_ms)
+            o = replace(held, last_success=last, rtt_ms=held.rtt_ms or o.rtt_ms,
+                        failing=held.failing or o.failing)  # fmt: skip
         self.options[key][o.peer_addr] = o
 
     def working(self, a: str, b: str) -> list[PathOption]:
@@ -128,7 +129,8 @@ class _Links:
         return next(iter(self.working(a, b)), None)
 
     def _recent(self, o: PathOption) -> bool:
-        return o.last_success is not None and self.now - o.last_success <= RECENT_S
+        fresh = o.last_success is not None and self.now - o.last_success <= RECENT_S
+        return fresh and not o.failing
 
     def key(self, o: PathOption) -> tuple[tuple[int, ...], str]:
         return (rank_key(o, self.now), o.peer_addr)

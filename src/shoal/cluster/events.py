@@ -1,0 +1,78 @@
+"""A node's bounded history of crashes, failovers and degradations, kept across restarts.
+
+One JSON object per line in `<data dir>/events.jsonl`, the newest `keep` of them. A marker file
+written at start and removed at a clean stop tells the next start that the last run crashed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+KEEP = 200
+QUIET_KINDS = ("recovered", "moved")  # good news is logged at info
+
+
+class EventLog:
+    def __init__(self, folder: Path, boot_id: str, keep: int = KEEP) -> None:
+        self.path = folder / "events.jsonl"
+        self.marker = folder / "running.json"
+        self.boot_id = boot_id
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._events: deque[dict[str, Any]] = deque(maxlen=keep)
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            for line in self.path.read_text().splitlines()[-keep:]:
+                with contextlib.suppress(ValueError):
+                    self._events.append(json.loads(line))
+
+    def start(self) -> None:
+        """Record a crash of the previous run, if it left its marker behind; set ours."""
+        with contextlib.suppress(OSError, ValueError):
+            last = json.loads(self.marker.read_text())
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("started", 0)))
+            boot = str(last.get("boot_id", "?"))[:8]
+            self.add(
+                "crash",
+                f"the previous run (boot {boot}, started {started}) ended without a clean stop",
+            )
+        self.marker.write_text(json.dumps({"boot_id": self.boot_id, "started": time.time()}))
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.marker.unlink()
+
+    def add(self, kind: str, message: str, **fields: Any) -> dict[str, Any]:
+        event = {"at": time.time(), "kind": kind, "message": message, **fields}
+        level = logging.INFO if kind in QUIET_KINDS else logging.WARNING
+        log.log(level, "%s: %s", kind, message)
+        with self._lock:
+            self._events.append(event)
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(event) + "\n")
+                if sum(1 for _ in self.path.open()) > 2 * self.keep:  # compact now and then
+                    self.path.write_text("".join(json.dumps(e) + "\n" for e in self._events))
+            except OSError as exc:
+                log.debug("cannot write %s: %s", self.path, exc)
+        return event
+
+    def recent(self, n: int = 50) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._events)[-n:]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            out: dict[str, int] = {}
+            for e in self._events:
+                out[e["kind"]] = out.get(e["kind"], 0) + 1
+            return out

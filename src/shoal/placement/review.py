@@ -1,0 +1,146 @@
+"""Should a placed instance move? A pure judgement the leader makes every tick.
+
+An instance moves (the leader writes a new generation of it) when:
+
+1. one of its nodes is gone, or one of its runners failed: it cannot serve as it is;
+2. a path it uses is failing (its prober's recent probes go unanswered);
+3. its slowest used path got much slower than the best layout available now (more than
+   SLOWER_FACTOR x and SLOWER_MARGIN_MS slower), which is how a cluster that came back over a
+   VPN after a restart finds its cable again (seed 002).
+
+Each move needs a candidate layout; without one the instance stays and the reason becomes an
+alert. Moves for slowness wait COOLDOWN_S after the last placement, so paths cannot flap it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from shoal.cluster.plan import runner_of
+from shoal.cluster.report import InstanceSpec, NodeReport, RunnerState
+from shoal.placement.addressing import host_of, is_failing
+
+SLOWER_FACTOR = 3.0
+SLOWER_MARGIN_MS = 2.0
+COOLDOWN_S = 15.0
+RETRY_AFTER_S = 5.0  # a failed runner is retried (a new generation) this long after placing,
+MAX_RETRY_AFTER_S = 60.0  # growing with each generation so a persistent failure backs off
+
+
+@dataclass(frozen=True)
+class UsedPath:
+    src: str
+    dst: str
+    host: str  # dst's address src dials
+
+
+@dataclass(frozen=True)
+class PathState:
+    rtt_ms: float | None
+    failing: bool
+
+
+@dataclass(frozen=True)
+class Verdict:
+    move: bool
+    reason: str  # empty when all is well
+
+
+KEEP = Verdict(False, "")
+
+
+def used_paths(instance: InstanceSpec) -> list[UsedPath]:
+    """Ring hops (rank i -> i+1, the last back to 0) and every rank's path to the rank-0 store."""
+    nodes, n = instance.nodes, len(instance.nodes)
+    if n < 2:
+        return []
+    ring = [
+        UsedPath(nodes[i], nodes[(i + 1) % n], instance.rank_addresses[(i + 1) % n])
+        for i in range(n)
+    ]
+    store = [UsedPath(x, nodes[0], instance.store_address) for x in nodes[1:]]
+    return list(dict.fromkeys(ring + store))
+
+
+def path_state(reports: Mapping[str, NodeReport], path: UsedPath) -> PathState:
+    """What the path's source measured on it (its own outbound record)."""
+    report = reports.get(path.src)
+    for p in report.links if report else ():
+        if (
+            p.direction == "outbound"
+            and p.peer_node_id == path.dst
+            and host_of(p.peer_addr) == path.host
+        ):
+            return PathState(p.rtt_ms_ewma, is_failing(p))
+    return PathState(None, False)  # unmeasured from this side: judged by placement, not here
+
+
+def slowest(
+    reports: Mapping[str, NodeReport], instance: InstanceSpec
+) -> tuple[float, UsedPath | None]:
+    worst: tuple[float, UsedPath | None] = (0.0, None)
+    for path in used_paths(instance):
+        rtt = path_state(reports, path).rtt_ms
+        if rtt is not None and rtt > worst[0]:
+            worst = (rtt, path)
+    return worst
+
+
+def review(
+    instance: InstanceSpec,
+    candidate: InstanceSpec | None,
+    reports: Sequence[NodeReport],
+    runners: Mapping[str, RunnerState],
+    now: float,
+) -> Verdict:
+    by_id = {r.node_id: r for r in reports}
+    problem = _broken(instance, by_id, runners, now)
+    if problem:
+        return Verdict(candidate is not None, problem)
+    if candidate is None or _same_layout(instance, candidate):
+        return KEEP
+    if now - instance.created_at < COOLDOWN_S:
+        return KEEP
+    current, path = slowest(by_id, instance)
+    best, _ = slowest(by_id, candidate)
+    if path is not None and current > SLOWER_FACTOR * best and current > best + SLOWER_MARGIN_MS:
+        return Verdict(
+            True,
+            f"path {path.src[:8]} -> {path.dst[:8]} at {path.host} now takes "
+            f"{current:.1f} ms; a layout whose slowest path takes {best:.1f} ms "
+            "is available",
+        )
+    return KEEP
+
+
+def _broken(
+    instance: InstanceSpec,
+    by_id: Mapping[str, NodeReport],
+    runners: Mapping[str, RunnerState],
+    now: float,
+) -> str:
+    gone = [n for n in instance.nodes if n not in by_id]
+    if gone:
+        return f"node {', '.join(g[:8] for g in gone)} is gone"
+    for rank in range(len(instance.nodes)):
+        state = runners.get(runner_of(instance, rank))
+        if (
+            state is not None
+            and state.status == "failed"
+            and now - instance.created_at >= RETRY_AFTER_S
+        ):
+            return f"rank {rank} failed: {state.reason or 'no reason given'}"
+    for path in used_paths(instance):
+        if path_state(by_id, path).failing:
+            return f"path {path.src[:8]} -> {path.dst[:8]} at {path.host} is down"
+    return ""
+
+
+def _same_layout(a: InstanceSpec, b: InstanceSpec) -> bool:
+    return (a.nodes, a.layer_ranges, a.store_address, a.rank_addresses) == (
+        b.nodes,
+        b.layer_ranges,
+        b.store_address,
+        b.rank_addresses,
+    )
