@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,29 +65,16 @@ def lab(tmp_path: Path) -> Iterator[tuple[Lab, Namespace, Namespace, Path]]:
         yield lab, a, b, tmp_path
 
 
-def start_node(lab: Lab, ns: Namespace, name: str, home: Path, peers: list[str]) -> None:
+def start_node(
+    lab: Lab, ns: Namespace, name: str, home: Path, peers: list[str], *extra: str
+) -> subprocess.Popen:
     env = {**os.environ, "SHOAL_HOME": str(home / name), "SHOAL_TORCH_THREADS": "1"}
     args = [
-        sys.executable,
-        "-m",
-        "shoal.cli",
-        "run",
-        "--model",
-        "none",
-        "--api-port",
-        str(PORT),
-        "--discovery-interfaces",
-        "none",
-        "--peers",
-        ",".join(f"{p}:{PORT}" for p in peers),
-        "--node-name",
-        name,
-        "--suspect-after",
-        "1.5",
-        "--gone-after",
-        "3",
-    ]
-    lab.start(ns, args, env, str(home / f"{name}.log"))
+        sys.executable, "-m", "shoal.cli", "run", "--model", "none", "--api-port", str(PORT),
+        "--discovery-interfaces", "none", "--peers", ",".join(f"{p}:{PORT}" for p in peers),
+        "--node-name", name, "--suspect-after", "1.5", "--gone-after", "3", *extra,
+    ]  # fmt: skip
+    return lab.start(ns, args, env, str(home / f"{name}.log"))
 
 
 def measured_both(ns: Namespace) -> bool:
