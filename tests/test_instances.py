@@ -238,5 +238,23 @@ def test_min_nodes_places_the_model_once_enough_nodes_hold_it(tmp_path: Path) ->
             max_tokens=24, temperature=0,
         )  # fmt: skip
         assert "Paris" in (answer.choices[0].message.content or "")
+
+        metrics = auto.get("a", "/metrics").text
+        assert 'shoal_instance_ready{instance="' in metrics and "} 1.0" in metrics, metrics
+        assert "shoal_path_rtt_ms{" in metrics and 'shoal_alerts{kind="path"} 0.0' in metrics
+        assert auto.get("a", "/cluster/alerts").json()["alerts"] == []
+
+        # a graceful stop leaves no runner process and no listening port behind
+        runners = auto.json("a", "/state")["runners"].values()
+        pids = [r["pid"] for r in runners]
+        procs = [psutil.Process(p) for p in pids]
+        ports = {c.laddr.port for p in procs for c in p.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN}  # fmt: skip
+        assert len(pids) == 2 and ports
     finally:
         auto.stop()
+    gone = psutil.wait_procs(procs, timeout=20)[1] == []
+    assert gone, [p.pid for p in procs if p.is_running()]
+    listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+    assert not ports & listening, ports & listening
+    assert not (tmp_path / "a" / "data" / "running.json").exists()  # a clean stop, not a crash
