@@ -112,3 +112,21 @@ def test_preflight_checks_every_used_path():
         ("a", "b", "100.64.0.2", False), ("b", "a", "100.64.0.1", False)]  # fmt: skip
     assert all(c.better.startswith("10.0.0.") for c in checks)
     assert all(c.ok for c in preflight(spec(), {r.node_id: r for r in reports()}, BOUNDS))
+
+
+@pytest.mark.parametrize(
+    ("direction", "last_success", "last_attempt", "failing"),
+    [
+        ("outbound", NOW - 0.5, NOW - 0.2, False),  # answering
+        ("outbound", NOW - 5.0, NOW - 0.2, True),  # answered, then silence while probing
+        ("outbound", None, NOW - 0.2, False),  # never answered: unmeasured from this side
+        ("outbound", NOW - 5.0, NOW - 4.9, False),  # nobody probes it now: not judged
+        ("inbound", NOW - 5.0, NOW - 0.2, False),  # the receiver cannot know
+    ],
+)
+def test_is_failing(direction, last_success, last_attempt, failing):
+    from shoal.placement.addressing import is_failing
+
+    p = PathStats(peer_node_id="b", peer_addr="10.0.0.2:1", direction=direction,
+                  last_success=last_success, last_attempt=last_attempt)  # fmt: skip
+    assert is_failing(p) == failing

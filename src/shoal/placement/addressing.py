@@ -142,10 +142,14 @@ def options_to(peer_node_id: str, links: Iterable[PathStats]) -> list[PathOption
 
 
 def is_failing(p: PathStats) -> bool:
-    """Judged on the prober's own clock (attempt vs reply), so clock skew cannot fake it."""
-    if p.direction != "outbound" or p.last_attempt is None:
+    """A path that worked and whose probes have gone unanswered since, judged on the prober's
+    own clock (attempt vs reply), so clock skew cannot fake it. A path that never answered its
+    prober is not "failing" but unmeasured from that side: the other side's inbound record may
+    still show it working one way (and a peer's report polled a moment before its first reply
+    must not veto a path its other end already saw work)."""
+    if p.direction != "outbound" or p.last_attempt is None or p.last_success is None:
         return False
-    return p.last_success is None or p.last_attempt - p.last_success >= FAILING_AFTER_S
+    return p.last_attempt - p.last_success >= FAILING_AFTER_S
 
 
 def host_of(address: str) -> str:
