@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -111,8 +112,9 @@ def test_cut_fast_path_fails_over_to_the_slow_one_and_back(lab):
     assert all(code in (200, 502, 503) for code in results), results  # clear errors only
     body = instance(a)
     assert body["generation"] >= 1 and "down" in body["placedBecause"], body
-    code, alerts = curl(a, "/cluster/alerts")
-    assert any(e["kind"] == "moved" for e in alerts["events"]), alerts
+    events = [e for ns in (a, b) for e in curl(ns, "/cluster/alerts")[1]["events"]]
+    assert any(e["kind"] == "moved" for e in events), events  # in the leader's history
+    assert any(e["kind"] == "down" for e in events), events
 
     # the cable comes back: the leader moves the instance back to it
     a.run("nft", "delete", "table", "inet", "shoalcut")
@@ -133,7 +135,9 @@ def test_cut_fast_path_fails_over_to_the_slow_one_and_back(lab):
         f"http://127.0.0.1:{PORT}",
         check=False,
     )
-    assert "history" in doctor.stdout and "moved" in doctor.stdout, doctor.stdout
+    text = doctor.stdout
+    assert "history" in text and "down" in text, text
+    assert re.search(r"generation [1-9]\d*: ", text), text  # why it was re-placed
 
 
 STREAM = r"""
