@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from shoal.cluster.plan import (
+    META_NAME,
     find_instance,
     holders,
     instance_document,
@@ -31,7 +32,7 @@ from shoal.cluster.plan import (
     without_instance,
 )
 from shoal.cluster.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
-from shoal.cluster.service import ClusterService
+from shoal.cluster.service import ClusterService, url_host
 from shoal.placement.planner import CandidateReason, Placement, PlacementRequest, Refusal, plan
 from shoal.placement.preflight import PathCheck, preflight
 from shoal.placement.review import review
@@ -41,12 +42,6 @@ log = logging.getLogger(__name__)
 
 SERVING = ("ready", "running")
 LEADER_GRACE_S = 3.0  # a starting node hears its peers' plans before it may lead
-
-
-def _refusal_text(result: object) -> str:
-    if isinstance(result, Refusal):
-        return "; ".join(r.reason for r in result.reasons) or "no candidate"
-    return ""
 
 
 @dataclass(frozen=True)
@@ -130,7 +125,7 @@ class Controller:
             want.model_id,
             want.sharding,
             want.backend,
-            "GlooInstance" if want.backend == "gloo" else "NcclInstance",
+            META_NAME[want.backend],
             min_nodes=want.min_nodes,
         )
         result = self.place(ask)
@@ -143,13 +138,10 @@ class Controller:
             )
             self._auto_refused.pop(want.model_id, None)
             return with_instance(current, result)
-        text = "; ".join(f"{','.join(r.nodes)}: {r.reason}" for r in result.reasons)
+        text = result.text()
         if self._auto_refused.get(want.model_id) != text:
             log.info(
-                "waiting to place %s (--min-nodes %d): %s",
-                want.model_id,
-                want.min_nodes,
-                text or "no candidate yet",
+                "waiting to place %s (--min-nodes %d): %s", want.model_id, want.min_nodes, text
             )
             self._auto_refused[want.model_id] = text
         return current
@@ -176,12 +168,12 @@ class Controller:
                 self._event(
                     "moved",
                     f"instance {instance.instance_id} ({instance.model_id}) "
-                    f"re-placed on {', '.join(self._name(n) for n in moved.nodes)}"
+                    f"re-placed on {', '.join(self.service.name_of(n) for n in moved.nodes)}"
                     f" at {moved.store_address}: {verdict.reason}",
                     instance=instance.instance_id,
                 )
             elif verdict.reason:
-                why = "" if candidate else f"; no other layout: {_refusal_text(result)}"
+                why = f"; no other layout: {result.text()}" if isinstance(result, Refusal) else ""
                 alerts[instance.instance_id] = verdict.reason + why
         for iid, text in alerts.items():
             if self.alerts.get(iid) != text:
@@ -212,10 +204,6 @@ class Controller:
             self.events.add(kind, message, **fields)
         else:
             log.warning("%s: %s", kind, message)
-
-    def _name(self, node_id: str) -> str:
-        report = self.service.view.report_of(node_id)
-        return report.name if report and report.name else node_id[:8]
 
     def _report_fields(self) -> dict[str, Any]:
         models = tuple(m.held for m in self.worker.models.values())
@@ -375,10 +363,6 @@ class Controller:
         measured best from every rank) when we are one of its ranks, else any known address."""
         rank0 = instance.nodes[0]
         if rank0 != self.node_id and self.node_id in instance.nodes:
-            return (
-                f"[{instance.store_address}]"
-                if ":" in instance.store_address
-                else instance.store_address
-            )
+            return url_host(instance.store_address)
         address = self.service.address_of(rank0)
         return address[0] if address else None

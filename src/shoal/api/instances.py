@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict
 
 from shoal.api.errors import ApiError, invalid_request
@@ -23,6 +23,7 @@ from shoal.cluster.plan import (
     parse_meta,
     parse_sharding,
 )
+from shoal.cluster.report import InstanceSpec
 from shoal.control import Controller, NotLeader, PlaceAsk
 from shoal.placement.planner import Refusal
 
@@ -67,47 +68,42 @@ def _ask(
     return PlaceAsk(model_id, shard, backend, meta_name, min_nodes=min_nodes, nodes=nodes)
 
 
-def _refusal_text(refusal: Refusal) -> str:
-    lines = [f"[{', '.join(r.nodes)}] {r.reason}" if r.nodes else r.reason for r in refusal.reasons]
-    return "; ".join(lines) or "no candidate node set"
+def _query_ask(
+    model_id: str = Query(...),
+    sharding: str | None = Query(None),
+    instance_meta: str | None = Query(None),
+    min_nodes: int = Query(1),
+) -> PlaceAsk:
+    """The query both /instance/placement and /instance/preflight take."""
+    return _ask(model_id, sharding, instance_meta, min_nodes)
+
+
+AskQuery = Annotated[PlaceAsk, Depends(_query_ask)]
+
+
+def _layout(controller: Controller, ask: PlaceAsk, preflight_checks: bool) -> InstanceSpec:
+    result = controller.place(ask, preflight_checks=preflight_checks)
+    if isinstance(result, Refusal):
+        raise ApiError(
+            400, f"No placement for {ask.model_id}: {result.text()}.", code="no_placement"
+        )
+    return result
 
 
 @router.get("/instance/placement")
-async def placement(
-    request: Request,
-    model_id: str = Query(...),
-    sharding: str | None = Query(None),
-    instance_meta: str | None = Query(None),
-    min_nodes: int = Query(1),
-) -> dict[str, Any]:
-    result = _controller(request).place(_ask(model_id, sharding, instance_meta, min_nodes))
-    if isinstance(result, Refusal):
-        raise ApiError(
-            400, f"No placement for {model_id}: {_refusal_text(result)}.", code="no_placement"
-        )
-    return instance_document(result)
+async def placement(request: Request, ask: AskQuery) -> dict[str, Any]:
+    return instance_document(_layout(_controller(request), ask, preflight_checks=True))
 
 
 @router.get("/instance/preflight")
-async def preflight(
-    request: Request,
-    model_id: str = Query(...),
-    sharding: str | None = Query(None),
-    instance_meta: str | None = Query(None),
-    min_nodes: int = Query(1),
-) -> dict[str, Any]:
+async def preflight(request: Request, ask: AskQuery) -> dict[str, Any]:
     """The paths the layout placement would choose needs, each against its thresholds."""
     controller = _controller(request)
-    ask = _ask(model_id, sharding, instance_meta, min_nodes)
-    result = controller.place(ask, preflight_checks=False)
-    if isinstance(result, Refusal):
-        raise ApiError(
-            400, f"No placement for {model_id}: {_refusal_text(result)}.", code="no_placement"
-        )
-    checks = controller.preflight(result)
+    layout = _layout(controller, ask, preflight_checks=False)
+    checks = controller.preflight(layout)
     return {
         "ok": all(c.ok for c in checks),
-        "instance": instance_document(result),
+        "instance": instance_document(layout),
         "checks": [{**c.__dict__, "message": c.describe()} for c in checks],
     }
 
@@ -131,7 +127,7 @@ async def previews(
                         "instance_meta": meta,
                         "min_nodes": n,
                         "instance": instance_document(result) if ok else None,
-                        "error": None if ok else _refusal_text(result),
+                        "error": None if ok else result.text(),
                     }
                 )
     return {"previews": out}
@@ -152,7 +148,7 @@ async def create_instance(body: CreateInstance, request: Request) -> Response:
     if isinstance(result, Refusal):  # the view changed since the layout was computed
         raise ApiError(
             409,
-            f"The instance no longer fits the cluster: {_refusal_text(result)}.",
+            f"The instance no longer fits the cluster: {result.text()}.",
             code="no_placement",
         )
     controller.create(result)

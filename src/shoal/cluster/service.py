@@ -179,12 +179,12 @@ class ClusterService:
         """Where this node reaches a node's API (host ready for a URL), ourselves included."""
         if node_id == self.identity.node_id:
             host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-            return _url_host(host), self.api_port
+            return url_host(host), self.api_port
         peer = self._peers.get(node_id)
         if peer is None or not peer.addresses:
             return None
         host, port = peer.addresses[0]
-        return _url_host(host), port
+        return url_host(host), port
 
     def accept_goodbye(self, node_id: str, boot_id: str) -> None:
         self.view.goodbye(node_id, boot_id)
@@ -215,7 +215,7 @@ class ClusterService:
         for change in self.health.observe(self.prober.snapshot(now), now):
             if self.events is None:
                 continue
-            name = self._name_of(change.peer_node_id)
+            name = self.name_of(change.peer_node_id)
             where = f"path to {name} at {change.peer_addr} ({change.interface_kind})"
             if change.status == "ok":
                 self.events.add(
@@ -232,7 +232,7 @@ class ClusterService:
                     addr=change.peer_addr,
                 )
 
-    def _name_of(self, node_id: str) -> str:
+    def name_of(self, node_id: str) -> str:
         report = self.view.report_of(node_id)
         return report.name if report and report.name else node_id[:8]
 
@@ -266,7 +266,7 @@ class ClusterService:
     async def _fetch_report(self, address: tuple[str, int]) -> NodeReport | None:
         assert self._client is not None
         host, port = address
-        url = f"http://{_url_host(host)}:{port}/cluster/report"
+        url = f"http://{url_host(host)}:{port}/cluster/report"
         cached = self._cached.get(address)
         headers = {"If-None-Match": cached[0]} if cached else {}
         try:
@@ -319,7 +319,7 @@ class ClusterService:
             for host, port in peer.addresses[:1]:
                 with contextlib.suppress(httpx.HTTPError):
                     await self._client.post(
-                        f"http://{_url_host(host)}:{port}/cluster/goodbye", json=body, timeout=0.5
+                        f"http://{url_host(host)}:{port}/cluster/goodbye", json=body, timeout=0.5
                     )
 
         alive = set(self.view.alive())
@@ -378,7 +378,7 @@ class ClusterService:
 
     def _advertised_addresses(self) -> list[str]:
         if self.host not in ("0.0.0.0", "::", ""):
-            return [f"{_url_host(self.host)}:{self.api_port}"]
+            return [f"{url_host(self.host)}:{self.api_port}"]
         out = []
         for info in self._interfaces:
             for cidr in info.addresses:
@@ -438,7 +438,7 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _url_host(host: str) -> str:
+def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 

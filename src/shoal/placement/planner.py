@@ -85,6 +85,12 @@ class CandidateReason:
 class Refusal:
     reasons: tuple[CandidateReason, ...] = field(default_factory=tuple)
 
+    def text(self) -> str:
+        """One line for people: each reason, prefixed by the node set it rules out."""
+        lines = [f"[{', '.join(r.nodes)}] {r.reason}" if r.nodes else r.reason
+                 for r in self.reasons]  # fmt: skip
+        return "; ".join(lines) or "no candidate node set"
+
 
 class _Links:
     """Working paths between nodes, from both ends' records."""
