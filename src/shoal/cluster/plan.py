@@ -10,6 +10,7 @@ The instance documents here are shaped like exo's so operators' scripts keep wor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
@@ -126,16 +127,8 @@ def pending_auto_places(reports: Sequence[NodeReport], plan: ClusterPlan) -> lis
 
 
 def model_spec(held: HeldModel) -> ModelSpec:
-    return ModelSpec(
-        model_id=held.model_id,
-        num_layers=held.num_layers,
-        hidden_size=held.hidden_size,
-        num_heads=held.num_heads,
-        num_kv_heads=held.num_kv_heads,
-        head_dim=held.head_dim,
-        weight_bytes=held.weight_bytes,
-        dtype_bytes=held.dtype_bytes,
-    )
+    """Placement's view of a held model: the report fields it shares with ModelSpec."""
+    return ModelSpec(**{f.name: getattr(held, f.name) for f in dataclasses.fields(ModelSpec)})
 
 
 def holders(reports: Iterable[NodeReport], model_id: str) -> dict[str, HeldModel]:

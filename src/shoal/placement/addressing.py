@@ -125,19 +125,27 @@ def rank_paths(
     return sorted(options, key=lambda o: (*rank_key(o, now, preferred, recent_s), o.peer_addr))
 
 
+def outbound_to(peer_node_id: str, links: Iterable[PathStats]) -> dict[str, PathStats]:
+    """One node's own outbound path records to a peer, by the peer's host (no port)."""
+    return {
+        host_of(p.peer_addr): p
+        for p in links
+        if p.peer_node_id == peer_node_id and p.direction == "outbound"
+    }
+
+
 def options_to(peer_node_id: str, links: Iterable[PathStats]) -> list[PathOption]:
     """One node's outbound path records to a peer, as options (addresses without ports)."""
     return [
         PathOption(
-            peer_addr=host_of(p.peer_addr),
+            peer_addr=host,
             interface_kind=p.interface_kind,
             interface_name=p.local_interface,
             rtt_ms=p.rtt_ms_ewma,
             last_success=p.last_success,
             failing=is_failing(p),
         )
-        for p in links
-        if p.peer_node_id == peer_node_id and p.direction == "outbound"
+        for host, p in outbound_to(peer_node_id, links).items()
     ]
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from shoal.cluster.health import Thresholds
 from shoal.cluster.report import InstanceSpec, InterfaceKind, NodeReport, PathStats
-from shoal.placement.addressing import host_of, is_failing
+from shoal.placement.addressing import is_failing, outbound_to
 from shoal.placement.review import used_paths
 
 
@@ -43,47 +43,15 @@ def check_path(
 ) -> PathCheck:
     """src's own outbound records to dst decide; a path seen only by dst's inbound record passes
     unmeasured (one way is all some paths need, and placement already required it recent)."""
-    mine = [p for p in records if p.direction == "outbound" and p.peer_node_id == dst]
-    by_host = {host_of(p.peer_addr): p for p in mine}
+    by_host = outbound_to(dst, records)
 
     def judge(h: str, p: PathStats | None) -> PathCheck:
         if p is None:
-            return PathCheck(
-                src,
-                dst,
-                h,
-                InterfaceKind.OTHER,
-                None,
-                0.0,
-                True,
-                "measured from the other side only",
-            )
-        rtt, kind = p.rtt_ms_ewma, str(p.interface_kind)
-        if is_failing(p):
-            return PathCheck(src, dst, h, kind, rtt, p.loss, False, "probes go unanswered")
-        if p.loss > th.max_loss:
-            return PathCheck(
-                src,
-                dst,
-                h,
-                kind,
-                rtt,
-                p.loss,
-                False,
-                f"loss {p.loss:.0%} is over {th.max_loss:.0%}",
-            )
-        if rtt is not None and rtt > th.bound(kind):
-            return PathCheck(
-                src,
-                dst,
-                h,
-                kind,
-                rtt,
-                p.loss,
-                False,
-                f"RTT {rtt:.1f} ms is over the {kind} bound {th.bound(kind):g} ms",
-            )
-        return PathCheck(src, dst, h, kind, rtt, p.loss, True, "")
+            return PathCheck(src, dst, h, InterfaceKind.OTHER, None, 0.0, True,
+                             "measured from the other side only")  # fmt: skip
+        problem = _problem(p, th)
+        return PathCheck(src, dst, h, str(p.interface_kind), p.rtt_ms_ewma, p.loss,
+                         not problem, problem)  # fmt: skip
 
     check = judge(host, by_host.get(host))
     if check.ok:
@@ -96,6 +64,18 @@ def check_path(
             **{**check.__dict__, "better": f"{best.host} ({best.kind}, RTT {best.rtt_ms:.1f} ms)"}
         )
     return check
+
+
+def _problem(p: PathStats, th: Thresholds) -> str:
+    """Why a measured path misses the thresholds; empty when it meets them."""
+    rtt, kind = p.rtt_ms_ewma, str(p.interface_kind)
+    if is_failing(p):
+        return "probes go unanswered"
+    if p.loss > th.max_loss:
+        return f"loss {p.loss:.0%} is over {th.max_loss:.0%}"
+    if rtt is not None and rtt > th.bound(kind):
+        return f"RTT {rtt:.1f} ms is over the {kind} bound {th.bound(kind):g} ms"
+    return ""
 
 
 def preflight(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from shoal.cluster.plan import runner_of
 from shoal.cluster.report import InstanceSpec, NodeReport, RunnerState
-from shoal.placement.addressing import host_of, is_failing
+from shoal.placement.addressing import is_failing, outbound_to
 
 SLOWER_FACTOR = 3.0
 SLOWER_MARGIN_MS = 2.0
@@ -66,14 +66,10 @@ def used_paths(instance: InstanceSpec) -> list[UsedPath]:
 def path_state(reports: Mapping[str, NodeReport], path: UsedPath) -> PathState:
     """What the path's source measured on it (its own outbound record)."""
     report = reports.get(path.src)
-    for p in report.links if report else ():
-        if (
-            p.direction == "outbound"
-            and p.peer_node_id == path.dst
-            and host_of(p.peer_addr) == path.host
-        ):
-            return PathState(p.rtt_ms_ewma, is_failing(p))
-    return PathState(None, False)  # unmeasured from this side: judged by placement, not here
+    p = outbound_to(path.dst, report.links if report else ()).get(path.host)
+    if p is None:  # unmeasured from this side: judged by placement, not here
+        return PathState(None, False)
+    return PathState(p.rtt_ms_ewma, is_failing(p))
 
 
 def slowest(
