@@ -30,8 +30,11 @@ class EventLog:
         self._lock = threading.Lock()
         self._events: deque[dict[str, Any]] = deque(maxlen=keep)
         folder.mkdir(parents=True, exist_ok=True)
+        self._lines = 0  # lines in the file: compacted back to `keep` past twice that
         with contextlib.suppress(OSError):
-            for line in self.path.read_text().splitlines()[-keep:]:
+            lines = self.path.read_text().splitlines()
+            self._lines = len(lines)
+            for line in lines[-keep:]:
                 with contextlib.suppress(ValueError):
                     self._events.append(json.loads(line))
 
@@ -60,8 +63,10 @@ class EventLog:
             try:
                 with self.path.open("a") as f:
                     f.write(json.dumps(event) + "\n")
-                if sum(1 for _ in self.path.open()) > 2 * self.keep:  # compact now and then
+                self._lines += 1
+                if self._lines > 2 * self.keep:  # compact now and then
                     self.path.write_text("".join(json.dumps(e) + "\n" for e in self._events))
+                    self._lines = len(self._events)
             except OSError as exc:
                 log.debug("cannot write %s: %s", self.path, exc)
         return event
