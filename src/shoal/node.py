@@ -122,12 +122,7 @@ class Node:
         try:
             return local_models((choice.id, choice.path) if choice else None, self.device)
         except Exception as exc:  # the same one line as a failed load, before the port is taken
-            log.debug("reading %s failed", choice.path if choice else "-", exc_info=True)
-            raise StartupError(
-                f"cannot load {choice.path if choice else 'the bundled model'}: "
-                f"{type(exc).__name__}: {exc}; pass --model a Llama-family GGUF file or Hugging "
-                "Face model directory (--log-level debug shows the traceback)"
-            ) from None
+            raise _cannot_load(choice.path if choice else "the bundled model", exc) from None
 
     @property
     def held_models(self) -> Mapping[str, HeldModel]:
@@ -187,12 +182,7 @@ class Node:
                 tokenizer_cache=self.settings.paths.tokenizer_cache,
             )
         except Exception as exc:  # whatever the file's problem, the user gets one line
-            log.debug("loading %s failed", choice.path, exc_info=True)
-            raise StartupError(
-                f"cannot load {choice.path}: {type(exc).__name__}: {exc}; pass --model a "
-                "Llama-family GGUF file or Hugging Face model directory (--log-level debug "
-                "shows the traceback)"
-            ) from None
+            raise _cannot_load(choice.path, exc) from None
         self._models[choice.id] = model
 
     def warm_up(self) -> bool:
@@ -260,6 +250,14 @@ class Node:
         # Stopping a generator ends its in-flight requests with a clear error, so shutdown
         # never waits on a long generation. Joining its thread can take a step: not here.
         threading.Thread(target=self.close, name="shoal-shutdown", daemon=True).start()
+
+
+def _cannot_load(what: Path | str, exc: Exception) -> StartupError:
+    log.debug("loading %s failed", what, exc_info=exc)
+    return StartupError(
+        f"cannot load {what}: {type(exc).__name__}: {exc}; pass --model a Llama-family GGUF "
+        "file or Hugging Face model directory (--log-level debug shows the traceback)"
+    )
 
 
 def cluster_settings(settings: RunSettings) -> ClusterSettings:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict
 
 from shoal.api.errors import ApiError
+from shoal.api.host import controller_of
 from shoal.cluster.service import ClusterService
 from shoal.cluster.view import links_document, nodes_document, state_document
 
@@ -55,7 +56,7 @@ async def goodbye(body: Goodbye, request: Request) -> Response:
 async def state(request: Request) -> dict[str, Any]:
     cluster = _cluster(request)
     document = state_document(cluster.view, cluster.report, time.time())
-    controller = getattr(request.app.state.host, "controller", None)
+    controller = controller_of(request.app.state.host)
     if controller is not None:
         document["instances"] = controller.instances_document()
         document["runners"] = {rid: s.model_dump() for rid, s in controller.runner_states().items()}
@@ -91,7 +92,7 @@ async def links(request: Request) -> dict[str, Any]:
 async def alerts(request: Request) -> dict[str, Any]:
     """What is wrong now (paths degraded or down, instances that cannot serve as placed) and
     this node's recent history of crashes, failovers and degradations."""
-    controller = getattr(request.app.state.host, "controller", None)
+    controller = controller_of(request.app.state.host)
     if controller is None:
         raise ApiError(503, "The cluster service is not running on this node.", code="no_cluster")
     return {

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from shoal.cluster.report import HeldModel
 from shoal.cluster.service import ClusterService
 from shoal.engine.serving import ServedModel
+
+if TYPE_CHECKING:  # the controller imports the worker, which imports the runner, which the API
+    from shoal.control import Controller
 
 
 class ModelHost(Protocol):
@@ -31,6 +35,11 @@ class ModelHost(Protocol):
         ...
 
 
-# A node also offers `controller` (shoal.control.Controller | None: instances across nodes)
-# and `held_models` (model id -> HeldModel on this disk); a runner's rank-0 endpoint does
-# not, so the routes read both with getattr.
+def controller_of(host: object) -> Controller | None:
+    """A node's instances across nodes; a runner's rank-0 endpoint serves its one model only."""
+    return getattr(host, "controller", None)
+
+
+def held_models_of(host: object) -> Mapping[str, HeldModel]:
+    """The models on this node's disk (`?status=downloaded`); none behind a runner."""
+    return getattr(host, "held_models", {})

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict
 
 from shoal.api.errors import ApiError, invalid_request
+from shoal.api.host import controller_of
 from shoal.cluster.plan import (
     instance_document,
     parse_instance_document,
@@ -37,7 +38,7 @@ class CreateInstance(BaseModel):
 
 
 def _controller(request: Request) -> Controller:
-    controller = getattr(request.app.state.host, "controller", None)
+    controller = controller_of(request.app.state.host)
     if controller is None:
         raise ApiError(
             503,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from shoal.api.cluster import alerts_of
+from shoal.api.host import controller_of
 from shoal.cluster.plan import runner_of
 
 router = APIRouter()
@@ -17,7 +18,7 @@ PATH_LABELS = ("src", "dst", "addr", "kind")
 @router.get("/metrics", response_model=None)
 async def metrics(request: Request) -> Response:
     registry = CollectorRegistry()
-    controller = getattr(request.app.state.host, "controller", None)
+    controller = controller_of(request.app.state.host)
     if controller is not None:
         _paths(registry, controller)
         _instances(registry, controller)

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from shoal import __version__
 from shoal.api import proxy
 from shoal.api.errors import ApiError, invalid_request
-from shoal.api.host import ModelHost
+from shoal.api.host import ModelHost, controller_of, held_models_of
 from shoal.api.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -98,7 +98,7 @@ def _host(request: Request) -> ModelHost:
 def _placed(request: Request, name: str) -> bool:
     """A model served by an instance across nodes rather than by this process."""
     host = _host(request)
-    controller = getattr(host, "controller", None)
+    controller = controller_of(host)
     return name not in host.models and controller is not None and name in controller.models_served()
 
 
@@ -111,7 +111,7 @@ def _find_model(host: ModelHost, name: str) -> ServedModel:
     models = host.models
     if name in models:
         return models[name]
-    controller = getattr(host, "controller", None)
+    controller = controller_of(host)
     placed = controller.models_served() if controller is not None else []
     served = ", ".join(sorted([*models, *placed])) or (
         "none yet (start shoal run with --model, or place an instance: POST /instance)"
@@ -277,9 +277,9 @@ def _card(model_id: str, model: ServedModel) -> ModelCard:
 async def list_models(request: Request, status: str | None = None) -> ModelList:
     """Served models; `?status=downloaded` lists the models this node holds on disk."""
     host = _host(request)
-    controller = getattr(host, "controller", None)
+    controller = controller_of(host)
     if status == "downloaded":
-        held = host.held_models if hasattr(host, "held_models") else {}
+        held = held_models_of(host)
         return ModelList(
             data=[
                 ModelCard(id=m, created=0, context_length=h.context_length)
