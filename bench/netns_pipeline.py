@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from shoal.engine.runner import RunnerSpec  # noqa: E402
+from shoal.engine.sharding import even_layer_ranges  # noqa: E402
+from shoal.engine.weights import open_source  # noqa: E402
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path  # noqa: E402
 
 from netns import Lab, Namespace  # noqa: E402
@@ -100,9 +102,7 @@ def scenario(
     port: int,
 ) -> dict[str, Any]:
     model = bundled_model_path()
-    world = len(placements)
-    layers = 30
-    cuts = [round(i * layers / world) for i in range(world + 1)]
+    layers = even_layer_ranges(open_source(model).config.num_layers, len(placements))
     procs = []
     try:
         for rank, (ns, ifname) in enumerate(placements):
@@ -111,8 +111,8 @@ def scenario(
                 model_id="m",
                 model_path=str(model),
                 rank=rank,
-                world_size=world,
-                layer_range=(cuts[rank], cuts[rank + 1]),
+                world_size=len(placements),
+                layer_range=layers[rank],
                 store_host=store,
                 store_port=port,
                 ifname=ifname,
@@ -136,7 +136,7 @@ def scenario(
     step_ms = statistics.median(1000 * r["decode_s"] / (r["tokens"] - 1) for r in runs)
     return {
         "scenario": name,
-        "ranks": world,
+        "ranks": len(placements),
         "decode_tok_s": round(1000 / step_ms, 2),
         "step_ms": round(step_ms, 2),
         "ttft_ms": round(1000 * statistics.median(r["ttft_s"] for r in runs), 1),

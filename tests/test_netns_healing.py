@@ -20,8 +20,18 @@ from typing import Any
 
 import pytest
 
-from netns import Lab, Namespace, require_netns
-from test_netns_instances import A_FAST, A_SLOW, B_FAST, B_SLOW, MODEL, PORT, curl, logs
+from netns import Lab, Namespace
+from test_netns_instances import (
+    A_FAST,
+    A_SLOW,
+    B_FAST,
+    B_SLOW,
+    MODEL,
+    PORT,
+    curl,
+    fast_and_slow,
+    logs,
+)
 from test_netns_instances import start_node as start_plain
 from waiting import wait_for
 
@@ -42,11 +52,7 @@ CUT = (  # drop everything from one address
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[tuple[Lab, Namespace, Namespace, Path]]:
-    require_netns()
-    with Lab() as lab:
-        a, b = lab.host("a"), lab.host("b")
-        lab.cable(a, "eth1", f"{A_FAST}/24", b, "eth1", f"{B_FAST}/24")
-        lab.slow_cable(a, "slow0", f"{A_SLOW}/30", b, "slow0", f"{B_SLOW}/30", rtt_ms=40.0)
+    with fast_and_slow() as (lab, a, b):
         yield lab, a, b, tmp_path
 
 

@@ -7,6 +7,7 @@ must say which path each hop uses and what else was measured.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -55,13 +56,20 @@ def curl(
         return int(code or 0), text
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[tuple[Lab, Namespace, Namespace, Path]]:
+@contextlib.contextmanager
+def fast_and_slow() -> Iterator[tuple[Lab, Namespace, Namespace]]:
+    """Hosts a and b joined by a veth cable (fast) and a TUN wire with 40 ms RTT (slow)."""
     require_netns()
     with Lab() as lab:
         a, b = lab.host("a"), lab.host("b")
         lab.cable(a, "eth1", f"{A_FAST}/24", b, "eth1", f"{B_FAST}/24")
         lab.slow_cable(a, "slow0", f"{A_SLOW}/30", b, "slow0", f"{B_SLOW}/30", rtt_ms=40.0)
+        yield lab, a, b
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[tuple[Lab, Namespace, Namespace, Path]]:
+    with fast_and_slow() as (lab, a, b):
         yield lab, a, b, tmp_path
 
 
