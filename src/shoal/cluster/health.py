@@ -126,8 +126,7 @@ class _Series:
     kind: str
     samples: deque[Sample]
     baseline_ms: float | None = None
-    last_success: float | None = None
-    last_attempt: float | None = None
+    last_success: float | None = None  # the previous tick's, to tell a new reply from none
     status: str = OK
     reason: str = ""
     since: float = 0.0
@@ -154,7 +153,7 @@ class PathHealthTracker:
                                                since=now)  # fmt: skip
             replied = p.last_success is not None and p.last_success != s.last_success
             s.samples.append((now, p.rtt_ms_ewma if replied else None))
-            s.last_success, s.last_attempt = p.last_success, p.last_attempt
+            s.last_success = p.last_success
             current = window_median(s.samples, now - self.th.window_s, now)
             if current is not None and (s.baseline_ms is None or current < s.baseline_ms):
                 s.baseline_ms = current
@@ -166,10 +165,6 @@ class PathHealthTracker:
                 s.status, s.since = status, now
                 changed.append(self._health(key, s, now))
         return changed
-
-    def forget(self, keep: set[tuple[str, str]]) -> None:
-        for key in [k for k in self._paths if k not in keep]:
-            del self._paths[key]
 
     def snapshot(self, now: float) -> tuple[PathHealth, ...]:
         return tuple(self._health(k, s, now) for k, s in sorted(self._paths.items()))
