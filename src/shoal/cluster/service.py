@@ -36,6 +36,7 @@ from shoal.cluster.report import (
     InterfaceInfo,
     InterfaceKind,
     NodeReport,
+    PathStats,
     Resources,
     ThunderboltLink,
 )
@@ -197,8 +198,9 @@ class ClusterService:
             started = time.monotonic()
             if ticks and ticks % 30 == 0:  # cables and addresses change rarely
                 await self._read_local_hardware()
-            self._judge_paths()
-            self._refresh_report()
+            links = self.prober.snapshot(time.time())  # one snapshot: judged, then published
+            self._judge_paths(links)
+            self._refresh_report(links=links)
             await self._poll_peers()
             self.view.refresh(time.time())
             self.prober.set_targets(self._probe_targets())
@@ -210,9 +212,9 @@ class ClusterService:
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.05, self.settings.poll_interval - elapsed))
 
-    def _judge_paths(self) -> None:
+    def _judge_paths(self, links: list[PathStats]) -> None:
         now = time.time()
-        for change in self.health.observe(self.prober.snapshot(now), now):
+        for change in self.health.observe(links, now):
             if self.events is None:
                 continue
             name = self.name_of(change.peer_node_id)
@@ -342,7 +344,9 @@ class ClusterService:
 
     # -- our own report ------------------------------------------------------------------
 
-    def _refresh_report(self, shutting_down: bool = False) -> None:
+    def _refresh_report(
+        self, shutting_down: bool = False, links: list[PathStats] | None = None
+    ) -> None:
         ident = self.identity
         body: dict[str, Any] = dict(
             node_id=ident.node_id,
@@ -365,7 +369,7 @@ class ClusterService:
             resources=_resources(self._gpus),
             interfaces=self._interfaces,
             thunderbolt=self._thunderbolt,
-            links=tuple(self.prober.snapshot(time.time())),
+            links=tuple(self.prober.snapshot(time.time()) if links is None else links),
             shutting_down=shutting_down,
             health=self.health.snapshot(time.time()),
             **self.report_extras(),
