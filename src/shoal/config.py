@@ -89,6 +89,16 @@ class RunSettings:
     sharding: str = _flag(
         "pipeline", "how --min-nodes > 1 splits the model", ("pipeline", "tensor")
     )
+    allow_blocked: bool = _flag(
+        False, "place --model with --min-nodes even if its model card says status = blocked"
+    )
+    models_dir: str | None = _flag(
+        None, "the model store: downloads land here (default: <data dir>/models)"
+    )
+    models_readonly_dirs: str = _flag(
+        "", "more model stores to serve from, never written (os.pathsep-separated, e.g. an exo one)"
+    )
+    offline: bool = _flag(False, "never contact the Hugging Face Hub: pulls use the store only")
     log_level: str = _flag("info", "log verbosity", ("debug", "info", "warning", "error"))
     node_name: str | None = _flag(None, "friendly name of this node (default: the hostname)")
     namespace: str = _flag("default", "cluster name: nodes of another namespace never join")

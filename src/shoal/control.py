@@ -13,12 +13,13 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from shoal.cluster.plan import (
     META_NAME,
+    files_agree,
     find_instance,
     holders,
     instance_document,
@@ -33,10 +34,14 @@ from shoal.cluster.plan import (
 )
 from shoal.cluster.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
 from shoal.cluster.service import ClusterService, url_host
+from shoal.models.cards import blocked_reason
 from shoal.placement.planner import CandidateReason, Placement, PlacementRequest, Refusal, plan
 from shoal.placement.preflight import PathCheck, preflight
 from shoal.placement.review import review
 from shoal.worker import Worker
+
+if TYPE_CHECKING:
+    from shoal.models.library import Library
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ class PlaceAsk:
     min_nodes: int = 1
     max_nodes: int | None = None
     nodes: frozenset[str] | None = None  # only these nodes
+    allow_blocked: bool = False  # place a model whose card says blocked
 
 
 class NotLeader(Exception):
@@ -70,9 +76,11 @@ class Controller:
         worker: Worker,
         auto_place: tuple[AutoPlace, ...] = (),
         context_tokens: int | None = None,
+        library: Library | None = None,
     ) -> None:
         self.service = service
         self.worker = worker
+        self.library = library  # cards (blocked models) and the store this node reports
         self.auto_place = auto_place
         self.context_tokens = context_tokens
         self.plan = ClusterPlan()  # the newest adopted
@@ -127,6 +135,7 @@ class Controller:
             want.backend,
             META_NAME[want.backend],
             min_nodes=want.min_nodes,
+            allow_blocked=want.allow_blocked,
         )
         result = self.place(ask)
         if isinstance(result, InstanceSpec):
@@ -158,6 +167,7 @@ class Controller:
                 instance.meta,
                 min_nodes=len(instance.nodes),
                 max_nodes=len(instance.nodes),
+                allow_blocked=True,  # placed once already: moving it is not a new decision
             )
             result = self.place(ask, instance.instance_id, generation=instance.generation + 1)
             candidate = result if isinstance(result, InstanceSpec) else None
@@ -212,6 +222,7 @@ class Controller:
             auto_place=self.auto_place,
             runners=self.worker.states(),
             plan=self.plan,  # followers echo it: a restarted leader finds it again
+            store=self.library.state() if self.library is not None else None,
         )
 
     # -- placement -------------------------------------------------------------------------
@@ -228,6 +239,10 @@ class Controller:
         With preflight_checks, a layout whose paths miss the thresholds is refused with the
         measured numbers (and a better path where one was measured)."""
         reports = self.reports()
+        if self.library is not None:
+            blocked = blocked_reason(self.library.card(ask.model_id), ask.allow_blocked)
+            if blocked:
+                return Refusal((CandidateReason((), blocked),))
         held = holders(reports, ask.model_id)
         extra: list[CandidateReason] = []
         if not held:
@@ -241,13 +256,14 @@ class Controller:
                     ),
                 )
             )
-        allowed = set(held)
+        allowed, differ = files_agree(held)
+        extra += differ
         for r in reports:
             if r.node_id not in held and (ask.nodes is None or r.node_id in ask.nodes):
                 extra.append(
                     CandidateReason((r.node_id,), f"node {r.node_id} does not hold {ask.model_id}")
                 )
-        first = next(iter(held.values()))
+        first = held[next(iter(allowed))]
         window = first.context_length or 4096
         context = min(self.context_tokens or window, window)  # the KV budget per rank
         request = PlacementRequest(

@@ -34,7 +34,9 @@ from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError
 from shoal.control import Controller
 from shoal.engine.serving import ServedModel, pick_device
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
-from shoal.models.local import LocalModel, local_models
+from shoal.models.cards import CardError, load_cards
+from shoal.models.library import Library
+from shoal.models.store import ModelStore, parse_dirs
 from shoal.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,8 @@ class Node:
                 "GGUF file, a Hugging Face dir, or leave it out for the bundled model)"
             )
         self.device = pick_device(settings.device)
-        self.held = self._local_models()
+        self.library = self._library()
+        self.held = self.library.models  # updated in place when a download completes
         self._models: dict[str, ServedModel] = {}
         self._ready = False
         self._not_ready_reason = "the node is starting"
@@ -117,12 +120,25 @@ class Node:
     def models(self) -> Mapping[str, ServedModel]:
         return self._models
 
-    def _local_models(self) -> dict[str, LocalModel]:
-        choice = self.choice
+    def _library(self) -> Library:
+        s, choice = self.settings, self.choice
         try:
-            return local_models((choice.id, choice.path) if choice else None, self.device)
+            cards = load_cards(s.paths.config)
+        except CardError as exc:
+            raise StartupError(f"model card: {exc}; fix the card or move it away") from None
+        root = Path(s.models_dir).expanduser() if s.models_dir else s.paths.data / "models"
+        library = Library(
+            ModelStore(root, parse_dirs(s.models_readonly_dirs)),
+            cards,
+            configured=(choice.id, choice.path) if choice else None,
+            device=self.device,
+            offline=s.offline,
+        )
+        try:
+            library.refresh()
         except Exception as exc:  # the same one line as a failed load, before the port is taken
             raise _cannot_load(choice.path if choice else "the bundled model", exc) from None
+        return library
 
     @property
     def held_models(self) -> Mapping[str, HeldModel]:
@@ -217,7 +233,11 @@ class Node:
             self.cluster = ClusterService(self.identity, self.cluster_settings, host, port)
             self.cluster.events = self.events
             self.controller = Controller(
-                self.cluster, self.worker, self._auto_place(), self.settings.max_seq_len
+                self.cluster,
+                self.worker,
+                self._auto_place(),
+                self.settings.max_seq_len,
+                self.library,
             )
             await self.cluster.start()
         try:
@@ -234,7 +254,14 @@ class Node:
         if self.choice is None or self.settings.min_nodes < 2:
             return ()
         s = self.settings
-        return (AutoPlace(model_id=self.choice.id, min_nodes=s.min_nodes, sharding=s.sharding),)
+        return (
+            AutoPlace(
+                model_id=self.choice.id,
+                min_nodes=s.min_nodes,
+                sharding=s.sharding,
+                allow_blocked=s.allow_blocked,
+            ),
+        )
 
     def stop(self) -> None:
         """Ask a serving node to shut down (from any thread)."""
@@ -288,6 +315,7 @@ def cluster_settings(settings: RunSettings) -> ClusterSettings:
         discovery=where != "none",
         discovery_interfaces=interfaces,
         pinned_leader=settings.leader,
+        offline=settings.offline,
         timing=Timing(suspect_after=settings.suspect_after, gone_after=settings.gone_after),
     )
 

@@ -11,6 +11,7 @@ from shoal.engine.serving import ServedModel
 
 if TYPE_CHECKING:  # the controller imports the worker, which imports the runner, which the API
     from shoal.control import Controller
+    from shoal.models.library import Library
 
 
 class ModelHost(Protocol):
@@ -43,3 +44,8 @@ def controller_of(host: object) -> Controller | None:
 def held_models_of(host: object) -> Mapping[str, HeldModel]:
     """The models on this node's disk (`?status=downloaded`); none behind a runner."""
     return getattr(host, "held_models", {})
+
+
+def library_of(host: object) -> Library | None:
+    """A node's model store, cards and downloads; a runner's endpoint has none."""
+    return getattr(host, "library", None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from shoal.cluster.report import (
     NodeReport,
     RunnerState,
 )
-from shoal.placement.planner import ModelSpec, Placement, PlacementRequest
+from shoal.placement.planner import CandidateReason, ModelSpec, Placement, PlacementRequest
 
 # Instance meta names: shoal's own, and exo's accepted as aliases (ring -> gloo, jaccl -> nccl).
 META_BACKEND = {
@@ -134,6 +135,28 @@ def model_spec(held: HeldModel) -> ModelSpec:
 def holders(reports: Iterable[NodeReport], model_id: str) -> dict[str, HeldModel]:
     """Nodes that hold the model on disk, with what each says about it."""
     return {r.node_id: m for r in reports for m in r.models if m.model_id == model_id}
+
+
+def files_agree(held: Mapping[str, HeldModel]) -> tuple[set[str], list[CandidateReason]]:
+    """The nodes whose files of the model match the most common set (paths and sizes), and a
+    reason for each that differs: an instance must never mix two versions of a model. Nodes
+    that state no digest go along with the majority."""
+    groups = Counter(m.files_digest for m in held.values() if m.files_digest)
+    if len(groups) <= 1:
+        return set(held), []
+    # most nodes first, then the smallest digest: every node picks the same group
+    majority = min(groups, key=lambda d: (-groups[d], d))
+    allowed = {n for n, m in held.items() if m.files_digest in (majority, None)}
+    reasons = [
+        CandidateReason(
+            (n,),
+            f"node {n}'s files of {m.model_id} differ from {len(allowed)} other node(s) "
+            f"(digest {m.files_digest} vs {majority}): run `shoal audit {m.model_id}`",
+        )
+        for n, m in sorted(held.items())
+        if n not in allowed
+    ]
+    return allowed, reasons
 
 
 def store_port(instance_id: str, generation: int = 0) -> int:

@@ -118,6 +118,7 @@ class NodeReport(Model):
     runners: tuple[RunnerState, ...] = ()
     plan: ClusterPlan | None = None  # the newest this node adopted; the leader's is the source
     health: tuple[PathHealth, ...] = ()
+    store: StoreState | None = None  # the model store: where downloads land, what is in flight
 
 
 # -- instances: what the leader plans and what each node runs ----------------------------------
@@ -135,7 +136,7 @@ class HeldModel(Model):
     weight_bytes: int  # bytes the weights take once loaded on this node's device and dtype
     dtype_bytes: int = 4
     context_length: int = 0
-    files_digest: str | None = None  # filled by the model store (manifests) later
+    files_digest: str | None = None  # paths and sizes of its files: nodes that differ don't mix
 
 
 class AutoPlace(Model):
@@ -145,6 +146,7 @@ class AutoPlace(Model):
     min_nodes: int = 2
     sharding: str = "pipeline"  # pipeline | tensor
     backend: str = "gloo"  # gloo | nccl
+    allow_blocked: bool = False  # `shoal run --allow-blocked`: the card's block is overridden
 
 
 class InstanceSpec(Model):
@@ -202,6 +204,29 @@ class RunnerState(Model):
     since: float = 0.0
     tokens: int = 0  # rank 0: tokens generated so far
     tok_s: float | None = None  # rank 0: recent generation rate
+
+
+class DownloadState(Model):
+    """One `shoal models pull` / `POST /models/pull` on this node."""
+
+    model_id: str
+    status: str = "downloading"  # downloading | done | failed
+    files_total: int = 0
+    files_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    current_file: str | None = None
+    error: str | None = None
+    started_at: float = 0.0
+    finished_at: float | None = None
+
+
+class StoreState(Model):
+    root: str = ""
+    readonly: tuple[str, ...] = ()
+    disk_free: int = 0  # bytes free where downloads land
+    disk_total: int = 0
+    downloads: tuple[DownloadState, ...] = ()
 
 
 NodeReport.model_rebuild()

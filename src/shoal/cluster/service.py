@@ -53,6 +53,7 @@ class ClusterSettings:
     discovery: bool = True
     discovery_interfaces: tuple[str, ...] | None = None  # None: every interface
     pinned_leader: bool = False
+    offline: bool = False  # --offline; SHOAL_OFFLINE / HF_HUB_OFFLINE in the env count too
     poll_interval: float = 1.0
     probe_interval: float = 1.0
     timing: Timing = field(default_factory=Timing)
@@ -362,7 +363,7 @@ class ClusterService:
             flags={
                 "namespace": self.namespace_hash,
                 "protocol": str(PROTOCOL_VERSION),
-                "offline": str(_offline()).lower(),
+                "offline": str(self.settings.offline or _offline()).lower(),
             },
             api_port=self.api_port,
             addresses=tuple(self._advertised_addresses()),

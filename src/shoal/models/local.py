@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 from dataclasses import dataclass
@@ -11,6 +12,11 @@ from pathlib import Path
 from shoal.cluster.report import HeldModel
 from shoal.engine.config import ModelConfig
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
+from shoal.models.cards import ModelCard, card_for
+from shoal.models.manifest import Manifest, build_manifest
+from shoal.models.store import ModelStore, load_path
+
+log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"cpu": 4, "cuda": 2, "mps": 2}  # what load_model materialises per device
 
@@ -18,12 +24,19 @@ DTYPE_BYTES = {"cpu": 4, "cuda": 2, "mps": 2}  # what load_model materialises pe
 @dataclass(frozen=True)
 class LocalModel:
     model_id: str
-    path: Path
+    path: Path  # what the engine loads: an HF dir or a GGUF file
     held: HeldModel
+    source: Path | None = None  # what its manifest lists: the store dir (default: path)
+
+    def manifest(self, hash: bool = False) -> Manifest:
+        return build_manifest(self.model_id, self.source or self.path, hash=hash)
 
 
-def describe(model_id: str, path: Path, device: str = "cpu") -> LocalModel:
-    """Read a model's shape from its metadata: GGUF header or config.json + safetensors headers."""
+def describe(
+    model_id: str, path: Path, device: str = "cpu", source: Path | None = None
+) -> LocalModel:
+    """Read a model's shape from its metadata: GGUF header or config.json + safetensors headers.
+    The digest of its manifest (paths and sizes) lets placement keep to nodes whose files agree."""
     config, params = _gguf_shape(path) if path.suffix == ".gguf" else _hf_shape(path)
     dtype_bytes = DTYPE_BYTES.get(device.split(":")[0], 4)
     held = HeldModel(
@@ -36,15 +49,42 @@ def describe(model_id: str, path: Path, device: str = "cpu") -> LocalModel:
         weight_bytes=params * dtype_bytes,
         dtype_bytes=dtype_bytes,
         context_length=config.max_position_embeddings,
+        files_digest=build_manifest(model_id, source or path).digest,
     )
-    return LocalModel(model_id, path, held)
+    return LocalModel(model_id, path, held, source)
 
 
-def local_models(configured: tuple[str, Path] | None, device: str = "cpu") -> dict[str, LocalModel]:
-    """The configured --model (if any) plus the bundled model when it is installed."""
+def local_models(
+    configured: tuple[str, Path] | None,
+    device: str = "cpu",
+    store: ModelStore | None = None,
+    cards: dict[str, ModelCard] | None = None,
+) -> dict[str, LocalModel]:
+    """The configured --model (if any), every complete model in the store, and the bundled
+    model when it is installed. A store dir that is partial or unreadable is left out with a
+    log line: `shoal audit` and its manifest say what is wrong with it."""
     found: dict[str, LocalModel] = {}
     if configured is not None:
         found[configured[0]] = describe(configured[0], configured[1], device)
+    for stored in store.models() if store is not None else ():
+        if stored.model_id in found:
+            continue
+        card = card_for(cards or {}, stored.model_id)
+        manifest = build_manifest(stored.model_id, stored.path)
+        if manifest.partials or manifest.missing:
+            log.info(
+                "not serving %s from %s: %s",
+                stored.model_id,
+                stored.path,
+                "partial download" if manifest.partials else f"missing {manifest.missing}",
+            )
+            continue
+        try:
+            found[stored.model_id] = describe(
+                stored.model_id, load_path(stored.path, card.file), device, stored.path
+            )
+        except Exception as exc:  # one bad dir must not stop the node
+            log.warning("not serving %s from %s: %s", stored.model_id, stored.path, exc)
     try:
         bundled = bundled_model_path()
     except FileNotFoundError:

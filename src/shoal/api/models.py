@@ -1,0 +1,188 @@
+"""Model store routes: what this node holds, manifests, downloads; and the cluster-wide
+collection of manifests that `shoal audit` reads (node to node over the API, no SSH)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.api.errors import ApiError, invalid_request
+from shoal.api.host import library_of
+from shoal.models.library import Library, PullRefused
+
+router = APIRouter()
+
+MANIFEST_TIMEOUT_S = 30.0  # per peer; hashing a large model takes longer (see `hash`)
+HASH_TIMEOUT_S = 900.0
+REACH_TIMEOUT_S = 2.0
+
+
+class PullRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    include: list[str] = []
+    revision: str = "main"
+
+
+def _library(request: Request) -> Library:
+    library = library_of(request.app.state.host)
+    if library is None:
+        raise ApiError(404, "This endpoint serves one model and has no model store.")
+    return library
+
+
+def _not_here(model_id: str) -> ApiError:
+    return ApiError(
+        404,
+        f"{model_id} is not on this node: no store dir, --model or bundled model has it. "
+        f"Download it with `shoal models pull {model_id}` or POST /models/pull.",
+        code="model_not_found",
+    )
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    """Held models (served or placeable), store dirs that are not complete yet, cards, and
+    downloads in flight."""
+    library = _library(request)
+    rows: dict[str, dict[str, Any]] = {}
+    for model_id, local in library.models.items():
+        rows[model_id] = {"id": model_id, "held": True, "path": str(local.source or local.path)}
+    for stored in library.store.models():
+        rows.setdefault(stored.model_id, {"id": stored.model_id, "held": False})
+        rows[stored.model_id].setdefault("path", str(stored.path))
+    for row in rows.values():
+        card = library.card(row["id"])
+        row["status"] = card.status
+        row["card"] = card.model_dump(exclude={"source"}) | {"source": card.source or None}
+    return {
+        "object": "list",
+        "data": sorted(rows.values(), key=lambda r: r["id"]),
+        "store": library.state().model_dump(),
+    }
+
+
+@router.get("/models/{model_id:path}/manifest")
+async def manifest(model_id: str, request: Request, hash: bool = Query(False)) -> dict[str, Any]:
+    library = _library(request)
+    found = await asyncio.to_thread(library.manifest, model_id, hash)
+    if found is None:
+        raise _not_here(model_id)
+    return found.model_dump()
+
+
+@router.post("/models/pull", status_code=202)
+async def pull(body: PullRequest, request: Request) -> dict[str, Any]:
+    """Start a download into this node's store; its progress shows in GET /models, /state and
+    this node's report. One direct download per node: each node pulls for itself."""
+    library = _library(request)
+    try:
+        state = library.start_pull(body.model, body.include, body.revision)
+    except PullRefused as exc:
+        busy = "already" in str(exc)
+        raise ApiError(409 if busy else 400, str(exc), param=None if busy else "model") from None
+    return state.model_dump()
+
+
+# -- across the cluster ------------------------------------------------------------------
+
+
+@router.get("/cluster/manifests/{model_id:path}")
+async def cluster_manifests(
+    model_id: str,
+    request: Request,
+    hash: bool = Query(False),
+    nodes: str | None = Query(None, description="comma list of node names or ids"),
+) -> dict[str, Any]:
+    """Every node's manifest of the model, asked for by this node over the API."""
+    host = request.app.state.host
+    library, cluster = _library(request), host.cluster
+    if cluster is None:
+        raise ApiError(503, "The cluster service is not running on this node yet.")
+    reports = cluster.view.alive_reports(cluster.report)
+    wanted = [n.strip() for n in nodes.split(",") if n.strip()] if nodes else None
+    chosen = [r for r in reports if wanted is None or r.node_id in wanted or r.name in wanted]
+    entries: list[dict[str, Any]] = []
+    for name in wanted or ():
+        if not any(name in (r.node_id, r.name) for r in reports):
+            entries.append({"node_id": None, "name": name, "error": "not in this node's view"})
+
+    async def one(client: httpx.AsyncClient, node_id: str, name: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"node_id": node_id, "name": name, "manifest": None}
+        if node_id == cluster.identity.node_id:
+            found = await asyncio.to_thread(library.manifest, model_id, hash)
+            if found is None:
+                entry["error"] = "model not on this node"
+            else:
+                entry["manifest"] = found.model_dump()
+            return entry
+        where = cluster.address_of(node_id)
+        if where is None:
+            return {**entry, "error": "no known address"}
+        url = f"http://{where[0]}:{where[1]}/models/{quote(model_id)}/manifest"
+        try:
+            response = await client.get(url, params={"hash": str(hash).lower()})
+        except httpx.HTTPError as exc:
+            return {**entry, "error": f"unreachable at {where[0]}:{where[1]}: {exc!r}"}
+        if response.status_code == 200:
+            return {**entry, "manifest": response.json()}
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        return {**entry, "error": f"HTTP {response.status_code}: {message}"}
+
+    timeout = httpx.Timeout(HASH_TIMEOUT_S if hash else MANIFEST_TIMEOUT_S, connect=5.0)
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        entries += await asyncio.gather(*(one(client, r.node_id, r.name) for r in chosen))
+    card = library.card(model_id)
+    return {
+        "model": model_id,
+        "card": card.model_dump(),
+        "nodes": entries,
+    }
+
+
+@router.get("/cluster/reach")
+async def reach(
+    request: Request, host: str = Query(...), port: int = Query(..., ge=1, le=65535)
+) -> dict[str, Any]:
+    """Can this node open a TCP connection to host:port? Only addresses of nodes in the view
+    are tried, so the API is no port scanner; `shoal bootstrap` checks transport both ways."""
+    cluster = request.app.state.host.cluster
+    if cluster is None:
+        raise ApiError(503, "The cluster service is not running on this node yet.")
+    reports = cluster.view.alive_reports(cluster.report)
+    known = {a.split("/")[0] for r in reports for i in r.interfaces for a in i.addresses}
+    known |= {a.rpartition(":")[0].strip("[]") for r in reports for a in r.addresses}
+    if host not in known and not _is_loopback(host):
+        raise invalid_request(
+            f"{host} is not an address of a node in this node's view.", param="host"
+        )
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(asyncio.to_thread(_connect, host, port), REACH_TIMEOUT_S + 1)
+    except (OSError, TimeoutError) as exc:
+        return {"host": host, "port": port, "ok": False, "error": str(exc) or type(exc).__name__}
+    return {"host": host, "port": port, "ok": True, "ms": (time.perf_counter() - started) * 1e3}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _connect(host: str, port: int) -> None:
+    with socket.create_connection((host, port), timeout=REACH_TIMEOUT_S):
+        pass
