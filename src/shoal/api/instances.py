@@ -35,6 +35,7 @@ class CreateInstance(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     instance: dict[str, Any]
+    allow_blocked: bool = False  # place a model whose card says status = blocked
 
 
 def _controller(request: Request) -> Controller:
@@ -55,6 +56,7 @@ def _ask(
     meta: str | None,
     min_nodes: int,
     node_ids: str | None = None,
+    allow_blocked: bool = False,
 ) -> PlaceAsk:
     try:
         backend, meta_name = parse_meta(meta)
@@ -66,7 +68,15 @@ def _ask(
     if min_nodes < 1:
         raise invalid_request("min_nodes must be at least 1.", param="min_nodes")
     nodes = frozenset(n.strip() for n in node_ids.split(",") if n.strip()) if node_ids else None
-    return PlaceAsk(model_id, shard, backend, meta_name, min_nodes=min_nodes, nodes=nodes)
+    return PlaceAsk(
+        model_id,
+        shard,
+        backend,
+        meta_name,
+        min_nodes=min_nodes,
+        nodes=nodes,
+        allow_blocked=allow_blocked,
+    )
 
 
 def _query_ask(
@@ -74,9 +84,10 @@ def _query_ask(
     sharding: str | None = Query(None),
     instance_meta: str | None = Query(None),
     min_nodes: int = Query(1),
+    allow_blocked: bool = Query(False),
 ) -> PlaceAsk:
     """The query both /instance/placement and /instance/preflight take."""
-    return _ask(model_id, sharding, instance_meta, min_nodes)
+    return _ask(model_id, sharding, instance_meta, min_nodes, allow_blocked=allow_blocked)
 
 
 AskQuery = Annotated[PlaceAsk, Depends(_query_ask)]
@@ -143,7 +154,7 @@ async def create_instance(body: CreateInstance, request: Request) -> Response:
         raise invalid_request(f"Invalid instance: {exc}.", param="instance") from None
     if not controller.is_leader():
         return await _forward(controller, "POST", "/instance", body.model_dump())
-    ask = _ask(model_id, sharding, meta, len(nodes))
+    ask = _ask(model_id, sharding, meta, len(nodes), allow_blocked=body.allow_blocked)
     ask = dataclasses.replace(ask, max_nodes=len(nodes), nodes=frozenset(nodes))
     result = controller.place(ask)
     if isinstance(result, Refusal):  # the view changed since the layout was computed
