@@ -6,6 +6,7 @@ The instance's ranks are real runner subprocesses meeting over gloo.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ PORT = 52715
 HOSTS = {"a": "127.0.0.1", "b": "127.0.0.2"}
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RUNBOOK = Path(__file__).parent / "fixtures" / "runbook"
+BLOCKED = "org/risky"
 
 
 class Pair:
@@ -83,6 +85,11 @@ class Pair:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     p = Pair(tmp_path_factory.mktemp("pair"))
+    cards = p.root / "a" / "config" / "cards"  # node a's card blocks a model (b has none)
+    cards.mkdir(parents=True)
+    (cards / "risky.toml").write_text(
+        f'model_id = "{BLOCKED}"\nstatus = "blocked"\nstatus_note = "drifts between nodes"\n'
+    )
     try:
         for name in HOSTS:
             p.start(name)
@@ -125,6 +132,59 @@ def test_no_placement_says_why(pair: Pair, query: str, reason: str) -> None:
     response = pair.get("b", f"/instance/placement?{query}")
     assert response.status_code == 400
     assert reason in response.json()["error"]["message"]
+
+
+def test_a_blocked_model_is_placed_only_with_the_override(pair: Pair) -> None:
+    query = f"/instance/placement?model_id={BLOCKED}&min_nodes=1"
+    refused = pair.get("a", query).json()["error"]["message"]
+    assert "blocked by its model card (drifts between nodes)" in refused
+    assert "allow_blocked=true" in refused
+    # with the override the gate opens; nobody holds it, which is the next reason
+    overridden = pair.get("a", query + "&allow_blocked=true").json()["error"]["message"]
+    assert "blocked" not in overridden and f"no alive node holds {BLOCKED}" in overridden
+
+
+def audit_cli(pair: Pair, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "audit", *args, "--api", pair.url("b", "")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_audit_collects_every_nodes_manifest_through_the_api(pair: Pair) -> None:
+    ok = audit_cli(pair, MODEL, "--hash")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS  parity (path, size, sha256): 1 files match on 2 node(s)" in ok.stdout
+    assert ok.stdout.rstrip().endswith("RING_INPUT_READY")
+    assert "\n  a " in ok.stdout and "\n  b " in ok.stdout
+
+    # node a has the whole model in its store; node b's download stopped half way
+    tiny = "org/tiny"
+    for name, partial in (("a", False), ("b", True)):
+        model_dir = pair.root / name / "data" / "models" / "org--tiny"
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "tiny.gguf").write_bytes(b"GGUF" * (4 if partial else 8))
+        if partial:
+            (model_dir / "tiny.gguf.part").write_bytes(b"")
+    bad = audit_cli(pair, tiny, "--expect-shards", "1")
+    assert bad.returncode == 1
+    assert "FAIL  no partial downloads: b: tiny.gguf.part" in bad.stdout
+    assert "FAIL  parity (path, size): b: tiny.gguf is 16 bytes, others 32" in bad.stdout
+    assert "RING_INPUT_READY" not in bad.stdout
+
+    nowhere = audit_cli(pair, "org/absent", "--json")
+    result = json.loads(nowhere.stdout)
+    assert nowhere.returncode == 1 and not result["ready"]
+    assert "a: model not on this node" in result["checks"][0]["detail"]
+
+
+def test_a_node_checks_reachability_only_of_cluster_addresses(pair: Pair) -> None:
+    there = pair.json("a", f"/cluster/reach?host={HOSTS['b']}&port={pair.port}")
+    assert there is not None and there["ok"] is True
+    closed = pair.json("a", f"/cluster/reach?host={HOSTS['b']}&port=9")
+    assert closed is not None and closed["ok"] is False and closed["error"]
+    outside = pair.get("a", "/cluster/reach?host=192.0.2.1&port=80")
+    assert outside.status_code == 400 and "not an address of a node" in outside.text
 
 
 def test_previews_cover_every_choice_with_a_layout_or_a_reason(pair: Pair) -> None:

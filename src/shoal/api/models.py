@@ -23,6 +23,7 @@ router = APIRouter()
 MANIFEST_TIMEOUT_S = 30.0  # per peer; hashing a large model takes longer (see `hash`)
 HASH_TIMEOUT_S = 900.0
 REACH_TIMEOUT_S = 2.0
+NOT_ON_NODE = "model not on this node"
 
 
 class PullRequest(BaseModel):
@@ -121,7 +122,7 @@ async def cluster_manifests(
         if node_id == cluster.identity.node_id:
             found = await asyncio.to_thread(library.manifest, model_id, hash)
             if found is None:
-                entry["error"] = "model not on this node"
+                entry["error"] = NOT_ON_NODE
             else:
                 entry["manifest"] = found.model_dump()
             return entry
@@ -135,6 +136,8 @@ async def cluster_manifests(
             return {**entry, "error": f"unreachable at {where[0]}:{where[1]}: {exc!r}"}
         if response.status_code == 200:
             return {**entry, "manifest": response.json()}
+        if response.status_code == 404:
+            return {**entry, "error": NOT_ON_NODE}
         try:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):

@@ -108,8 +108,12 @@ def _parity(got: Mapping[str, Manifest], hash: bool) -> Check:
 
     if hash and (unhashed := sorted(n for n, m in got.items() if not m.hashed)):
         return Check(name, False, f"no hashes from {', '.join(unhashed)}")
+    # the reference is the file set most nodes share; on a tie, one of a complete node, then
+    # of the first node by name, so the node that differs is the one named
     counts = Counter(key(m) for m in got.values())
-    reference_key, _ = counts.most_common(1)[0]
+    complete = {key(m) for m in got.values() if not (m.partials or m.missing)}
+    first = {k: min(n for n, m in got.items() if key(m) == k) for k in counts}
+    reference_key = min(counts, key=lambda k: (-counts[k], k not in complete, first[k]))
     reference = {p: (s, h) for p, s, h in reference_key}
     problems = []
     for node, m in sorted(got.items()):
