@@ -91,3 +91,23 @@ def test_render_explains_each_hop_of_an_instance():
         "why linux-box -> mac-studio: uses 192.168.100.1; measured and not chosen: 100.64.0.1"
         in text
     )
+
+
+def test_models_show_who_holds_them_whether_files_agree_and_pulls() -> None:
+    held = {"model_id": "org/m", "num_layers": 2, "hidden_size": 8, "num_heads": 2,
+            "num_kv_heads": 2, "head_dim": 4, "weight_bytes": 1}
+    nodes = [
+        {"node_id": "aaaa1111", "name": "a", "models": [{**held, "files_digest": "x"}],
+         "store": {"downloads": [{"model_id": "org/new", "status": "downloading",
+                                  "bytes_done": 2**20, "bytes_total": 4 * 2**20}]}},
+        {"node_id": "bbbb2222", "name": "b", "models": [{**held, "files_digest": "y"}]},
+    ]  # fmt: skip
+    out = io.StringIO()
+    render({"leader": "aaaa1111", "nodes": nodes, "links": [], "drift": []}, out)
+    text = out.getvalue()
+    assert "org/m" in text and "on a, b  (FILES DIFFER: run `shoal audit`)" in text
+    assert "pull org/new on a: downloading 1/4 MiB" in text
+    nodes[1]["models"] = [{**held, "files_digest": "x"}]
+    out = io.StringIO()
+    render({"leader": "aaaa1111", "nodes": nodes, "links": [], "drift": []}, out)
+    assert "on a, b  (files agree)" in out.getvalue()

@@ -64,8 +64,32 @@ def render(state: dict[str, Any], out: TextIO) -> None:
         out.write(f"  ! {line}\n")
     for refused in state.get("refused", []):
         out.write(f"  refused {refused.get('node_id')}: {refused.get('reason')}\n")
+    _render_models(nodes, names, out)
     _render_instances(state, names, out)
     _render_health(state, out)
+
+
+def _render_models(nodes: list[dict[str, Any]], names: dict[str, str], out: TextIO) -> None:
+    """Which node holds which model, whether their files agree, and downloads in flight."""
+    holders: dict[str, dict[str, str | None]] = {}
+    for n in nodes:
+        for m in n.get("models", []):
+            holders.setdefault(m["model_id"], {})[n["node_id"]] = m.get("files_digest")
+    out.write(f"\nmodels ({len(holders)})\n")
+    for model_id, held in sorted(holders.items()):
+        digests = {d for d in held.values() if d}
+        files = "files agree" if len(digests) <= 1 else "FILES DIFFER: run `shoal audit`"
+        who = ", ".join(sorted(_short(n, names) for n in held))
+        out.write(f"  {model_id:<44} on {who}  ({files})\n")
+    for n in nodes:
+        store = n.get("store") or {}
+        for d in store.get("downloads", []):
+            done = f"{d.get('bytes_done', 0) / 2**20:.0f}/{d.get('bytes_total', 0) / 2**20:.0f} MiB"
+            error = f": {d['error']}" if d.get("error") else ""
+            out.write(
+                f"  pull {d.get('model_id')} on {_short(n['node_id'], names)}: "
+                f"{d.get('status')} {done}{error}\n"
+            )
 
 
 def _render_health(state: dict[str, Any], out: TextIO) -> None:
