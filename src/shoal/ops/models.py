@@ -1,0 +1,150 @@
+"""`shoal models`: the models in this machine's store. `pull` downloads one from the Hub.
+
+`shoal models pull ORG/NAME` lands the files in `<store>/ORG--NAME`, resumes an interrupted
+pull, and with `--offline` (or env SHOAL_OFFLINE) only checks that the model is already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shoal.config import Paths
+from shoal.models.store import HF_CACHE_DIR, ModelStore, validate_model_id
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from shoal.models.download import PullProgress
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+OFFLINE_ENV = "SHOAL_OFFLINE"
+
+
+def env_flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class ProgressBar:
+    """A tqdm byte bar on stderr fed by pull's progress snapshots."""
+
+    def __init__(self) -> None:
+        self._bar: tqdm | None = None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __call__(self, progress: PullProgress) -> None:
+        if self._bar is None:
+            if progress.status != "downloading":
+                return  # failed before the first file: the error says it all
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=progress.bytes_total,
+                unit="B",
+                unit_scale=True,
+                file=sys.stderr,
+                desc=progress.model_id,
+            )
+        self._bar.total = progress.bytes_total
+        self._bar.n = progress.bytes_done
+        self._bar.set_postfix_str(
+            f"{progress.files_done}/{progress.files_total} {progress.current_file or ''}".rstrip(),
+            refresh=True,
+        )
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    # huggingface_hub loads only for this command, not for every `shoal` invocation
+    from shoal.models.download import PullError, human_bytes, pull
+
+    try:
+        model_id = validate_model_id(args.model)
+    except ValueError as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    store = ModelStore(Path(args.models_dir).expanduser()) if args.models_dir else _default_store()
+    try:
+        with ProgressBar() as bar:  # closed before any message below
+            path = pull(
+                model_id,
+                store.dir_for(model_id),
+                include=args.include or (),
+                revision=args.revision,
+                offline=args.offline or env_flag(os.environ.get(OFFLINE_ENV)),
+                on_progress=bar,
+            )
+    except PullError as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("shoal: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    files = [
+        p for p in path.rglob("*") if p.is_file() and HF_CACHE_DIR not in p.relative_to(path).parts
+    ]
+    size = human_bytes(sum(p.stat().st_size for p in files))
+    print(f"{model_id}: {len(files)} files, {size} in {path}")
+    return EXIT_OK
+
+
+def _default_store() -> ModelStore:
+    return ModelStore.from_env(Paths.from_env().data)
+
+
+def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    commands = parser.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    pull_parser = commands.add_parser(
+        "pull",
+        help="download a model from the Hugging Face Hub into the store",
+        description="Download a model from the Hugging Face Hub (or HF_ENDPOINT) into the "
+        "store; an interrupted pull resumes where it stopped.",
+    )
+    pull_parser.add_argument("model", metavar="ORG/NAME", help="the model's Hugging Face id")
+    pull_parser.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="only files matching this glob, e.g. '*Q4_K_M.gguf' (repeatable; default: all)",
+    )
+    pull_parser.add_argument(
+        "--revision", default="main", help="branch, tag or commit (default main)"
+    )
+    pull_parser.add_argument(
+        "--offline",
+        action="store_true",
+        help=f"no network: succeed only if the model is already in the store (env {OFFLINE_ENV})",
+    )
+    pull_parser.add_argument(
+        "--models-dir",
+        help="the store to pull into (env SHOAL_MODELS_DIR; default <data dir>/models)",
+    )
+    pull_parser.set_defaults(func=run_pull)
+    return parser
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `shoal models`; the CLI calls `args.func(args)` and exits with its return."""
+    parser = subparsers.add_parser(
+        "models",
+        help="manage the models in this machine's store",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    return configure(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = configure(argparse.ArgumentParser(prog="shoal models")).parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
