@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,13 @@ def test_model_id_defaults_to_the_hf_id_or_the_file_or_dir_name(tmp_path: Path) 
 
 
 def shoal(*args: str) -> subprocess.Popen[str]:
+    """`shoal` with default settings, except its files in a fresh dir and no mDNS: tests
+    never announce on this machine's real interfaces."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+    env |= {
+        "SHOAL_HOME": tempfile.mkdtemp(prefix="shoal-cli-"),
+        "SHOAL_DISCOVERY_INTERFACES": "none",
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "shoal.cli", *args],
         env=env,

@@ -23,7 +23,12 @@ import uvicorn
 
 from shoal import __version__
 from shoal.api.app import create_app
-from shoal.cluster.discovery import local_addresses, parse_static_peers, resolve_interfaces
+from shoal.cluster.discovery import (
+    DuplicateNode,
+    local_addresses,
+    parse_static_peers,
+    resolve_interfaces,
+)
 from shoal.cluster.events import EventLog
 from shoal.cluster.health import parse_bounds
 from shoal.cluster.identity import load_identity
@@ -239,7 +244,17 @@ class Node:
                 self.settings.max_seq_len,
                 self.library,
             )
-            await self.cluster.start()
+            try:
+                await self.cluster.start()
+            except DuplicateNode:
+                self._server.should_exit = True
+                await serving
+                raise StartupError(
+                    f"another node on this network announces this node's id "
+                    f"{self.identity.node_id}: is shoal already running with this data dir "
+                    f"({self.settings.paths.data}), or was its node.json copied from another "
+                    "machine? Stop the other one, or delete node.json here for a new id"
+                ) from None
         try:
             if self._server.started and await asyncio.to_thread(self.warm_up) and on_ready:
                 on_ready()

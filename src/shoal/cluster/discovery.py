@@ -16,7 +16,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import psutil
-from zeroconf import InterfaceChoice, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import (
+    InterfaceChoice,
+    NonUniqueNameException,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
 
 from shoal.cluster.report import PROTOCOL_VERSION
 
@@ -217,10 +224,12 @@ class Discovery:
         _refuse_event_loop("start")
         zc = Zeroconf(interfaces=InterfaceChoice.All if self._bind is None else self._bind)
         try:
-            # NonUniqueNameException here means another live node announces our node id.
             self._info = self._service_info()
             zc.register_service(self._info)
             self._browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_change])
+        except NonUniqueNameException:
+            zc.close()
+            raise DuplicateNode(self._info.name) from None
         except BaseException:
             zc.close()
             raise
@@ -288,6 +297,11 @@ class Discovery:
         peer = self._peers.pop(name, None)
         if peer is not None:
             self._on_goodbye(peer.node_id)
+
+
+class DuplicateNode(Exception):
+    """Another live node announces our node id: shoal runs twice with one data dir, or a
+    node.json was copied between machines."""
 
 
 def _refuse_event_loop(method: str) -> None:
