@@ -8,7 +8,7 @@ import sys
 
 from shoal import __version__
 from shoal.config import StartupError, add_run_flags, settings_from
-from shoal.ops import audit, bench, chat, doctor
+from shoal.ops import audit, bench, chat, doctor, models
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_flags(run)
     run.set_defaults(func=_run)
-    for module in (chat, bench, doctor, audit):  # client commands, each registering its own flags
+    # client commands, each registering its own flags
+    for module in (chat, bench, doctor, audit, models):
         module.add_parser(commands)
     return parser
 

@@ -2,6 +2,9 @@
 
 `shoal models pull ORG/NAME` lands the files in `<store>/ORG--NAME`, resumes an interrupted
 pull, and with `--offline` (or env SHOAL_OFFLINE) only checks that the model is already there.
+With `--api URL` the node at URL pulls into its own store instead (one direct download per
+node), and the bar follows its progress. `shoal models list` shows the store with each model's
+card status and whether its files are complete.
 """
 
 from __future__ import annotations
@@ -9,11 +12,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import httpx
+
 from shoal.config import Paths
+from shoal.models.cards import CardError, ModelCard, card_for, load_cards
+from shoal.models.manifest import build_manifest
 from shoal.models.store import HF_CACHE_DIR, ModelStore, validate_model_id
+from shoal.ops.chat import START_HINT, api_base, error_message
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -71,13 +81,16 @@ def run_pull(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"shoal: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.api:
+        return _pull_on_node(args, model_id)
     store = ModelStore(Path(args.models_dir).expanduser()) if args.models_dir else _default_store()
+    include = args.include or card_for(_cards(), model_id).include
     try:
         with ProgressBar() as bar:  # closed before any message below
             path = pull(
                 model_id,
                 store.dir_for(model_id),
-                include=args.include or (),
+                include=include,
                 revision=args.revision,
                 offline=args.offline or env_flag(os.environ.get(OFFLINE_ENV)),
                 on_progress=bar,
@@ -98,6 +111,62 @@ def run_pull(args: argparse.Namespace) -> int:
 
 def _default_store() -> ModelStore:
     return ModelStore.from_env(Paths.from_env().data)
+
+
+def _cards() -> dict[str, ModelCard]:
+    try:
+        return load_cards(Paths.from_env().config)
+    except CardError as exc:
+        print(f"shoal: model card: {exc}", file=sys.stderr)
+        return load_cards(None)
+
+
+def _pull_on_node(args: argparse.Namespace, model_id: str) -> int:
+    """POST /models/pull to a node and follow its progress until the pull ends."""
+    base = api_base(args.api)
+    body = {"model": model_id, "include": args.include or [], "revision": args.revision}
+    try:
+        with httpx.Client(timeout=10) as client, ProgressBar() as bar:
+            started = client.post(f"{base}/models/pull", json=body)
+            if started.status_code != 202:
+                print(f"shoal: {error_message(started.status_code, started.content)}",
+                      file=sys.stderr)  # fmt: skip
+                return EXIT_FAILED
+            while True:
+                states = client.get(f"{base}/models").json()["store"]["downloads"]
+                state = next(d for d in states if d["model_id"] == model_id)
+                bar(SimpleNamespace(**state))
+                if state["status"] != "downloading":
+                    break
+                time.sleep(0.5)
+    except httpx.HTTPError as exc:
+        print(f"shoal: cannot reach {base}: {exc}. {START_HINT}", file=sys.stderr)
+        return EXIT_FAILED
+    if state["status"] == "failed":
+        print(f"shoal: {state['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{model_id}: pulled on {base} ({state['files_total']} files)")
+    return EXIT_OK
+
+
+def run_list(args: argparse.Namespace) -> int:
+    store = ModelStore(Path(args.models_dir).expanduser()) if args.models_dir else _default_store()
+    cards = _cards()
+    rows = list(store.models())
+    print(f"store {store.root}" + "".join(f", read-only {p}" for p in store.readonly))
+    if not rows:
+        print("  empty: `shoal models pull ORG/NAME` downloads one")
+    for stored in rows:
+        m = build_manifest(stored.model_id, stored.path)
+        state = "ok"
+        if m.partials or m.missing:
+            state = "partial" if m.partials else f"missing {', '.join(m.missing)}"
+        print(
+            f"  {stored.model_id:<44} {card_for(cards, stored.model_id).status:<10} "
+            f"{m.format:<11} {len(m.files):>4} files {m.total_bytes / 2**20:>10.1f} MiB  "
+            f"{state}{'' if stored.writable else '  (read-only)'}"
+        )
+    return EXIT_OK
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -127,7 +196,16 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--models-dir",
         help="the store to pull into (env SHOAL_MODELS_DIR; default <data dir>/models)",
     )
+    pull_parser.add_argument(
+        "--api",
+        help="have the node at this URL pull into its own store, and follow its progress",
+    )
     pull_parser.set_defaults(func=run_pull)
+    list_parser = commands.add_parser(
+        "list", help="the models in this machine's store, with card status and completeness"
+    )
+    list_parser.add_argument("--models-dir", help="the store (env SHOAL_MODELS_DIR)")
+    list_parser.set_defaults(func=run_list)
     return parser
 
 
