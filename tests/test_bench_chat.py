@@ -3,15 +3,21 @@ transport, then both commands end to end against a real node in a subprocess."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
 import io
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -327,14 +333,126 @@ def test_calibration_refuses_samples_that_cannot_fit_a_line(samples) -> None:
         Calibration.from_samples(samples)
 
 
-def test_cells_cover_the_grid_in_order_with_requests_defaulting_to_concurrency() -> None:
-    assert bench.plan_cells([128, 512], [1, 4], None) == [
-        Cell(1, 128, 1, 1),
-        Cell(2, 128, 4, 4),
-        Cell(3, 512, 1, 1),
-        Cell(4, 512, 4, 4),
+def test_phases_run_in_their_fixed_order_whatever_order_they_are_named() -> None:
+    assert bench.phase_list("concurrency, token_sweep") == ["token_sweep", "concurrency"]
+    assert bench.phase_list("prompt_sweep") == ["prompt_sweep"]
+
+
+@pytest.mark.parametrize("text", ["", "tokens", "concurrency,warmup"])
+def test_phase_list_rejects(text: str) -> None:
+    with pytest.raises(Exception, match="expected some of token_sweep"):
+        bench.phase_list(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "nodes"),
+    [
+        ("all", bench.ALL_NODES),
+        (" all ", bench.ALL_NODES),
+        ("10.0.0.2:52415", ["http://10.0.0.2:52415"]),
+        ("http://a:1/v1, b:2,", ["http://a:1", "http://b:2"]),
+    ],
+)
+def test_node_list(text: str, nodes: str | list[str]) -> None:
+    assert bench.node_list(text) == nodes
+
+
+def node_row(node_id: str, *addresses: str, status: str = "alive", is_self: bool = False) -> dict:
+    return {
+        "node_id": node_id,
+        "name": node_id.upper(),
+        "addresses": list(addresses),
+        "status": status,
+        "is_self": is_self,
+    }
+
+
+@pytest.mark.parametrize(
+    ("rows", "api", "candidates"),
+    [
+        (  # the node behind --api is reached at --api and comes first, whatever its id
+            [node_row("a", "10.0.0.1:8000"), node_row("b", "10.0.0.2:8000", is_self=True)],
+            "http://10.0.0.2:8000",
+            [("B", ["http://10.0.0.2:8000"]), ("A", ["http://10.0.0.1:8000"])],
+        ),
+        (  # a loopback test cluster: the address on --api's host is tried first
+            [
+                node_row("me", is_self=True),
+                node_row("peer", "10.0.0.5:9", "127.0.0.1:9", "10.1.1.5:9"),
+            ],
+            "http://127.0.0.1:9000",
+            [
+                ("ME", ["http://127.0.0.1:9000"]),
+                ("PEER", ["http://127.0.0.1:9", "http://10.0.0.5:9", "http://10.1.1.5:9"]),
+            ],
+        ),
+        (  # gone nodes are left out; suspect ones still get requests
+            [
+                node_row("me", is_self=True),
+                node_row("dead", "10.0.0.3:1", status="gone"),
+                node_row("flaky", "10.0.0.4:1", status="suspect"),
+            ],
+            "http://127.0.0.1:9000",
+            [("ME", ["http://127.0.0.1:9000"]), ("FLAKY", ["http://10.0.0.4:1"])],
+        ),
+        (  # a node that advertises nothing keeps an empty list: the caller says so
+            [node_row("me", is_self=True), node_row("quiet")],
+            "http://127.0.0.1:9000",
+            [("ME", ["http://127.0.0.1:9000"]), ("QUIET", [])],
+        ),
+    ],
+)
+def test_node_candidates_from_the_cluster_state(rows, api: str, candidates) -> None:
+    assert bench.node_candidates({"nodes": rows}, api) == candidates
+
+
+def test_each_phase_moves_one_thing_and_requests_default_to_waves_of_the_concurrency() -> None:
+    cells = bench.plan_cells(list(bench.PHASES), [128, 512], [32, 256], [1, 4], 64, None)
+    shapes = [(c.index, c.phase, c.prompt_tokens, c.max_tokens, c.concurrency) for c in cells]
+    assert shapes == [
+        (1, "token_sweep", 128, 32, 1),
+        (2, "token_sweep", 128, 256, 1),
+        (3, "prompt_sweep", 128, 64, 1),
+        (4, "prompt_sweep", 512, 64, 1),
+        (5, "concurrency", 128, 64, 1),
+        (6, "concurrency", 128, 64, 4),
     ]
-    assert [c.requests for c in bench.plan_cells([16], [1, 2], 5)] == [5, 5]
+    assert [c.requests for c in cells] == [4, 4, 4, 4, 4, 16]
+
+
+@pytest.mark.parametrize(
+    ("phases", "requests", "cells"),
+    [
+        (
+            ["concurrency"],
+            3,
+            [Cell(1, "concurrency", 16, 8, 1, 3), Cell(2, "concurrency", 16, 8, 2, 3)],
+        ),
+        (["token_sweep"], None, [Cell(1, "token_sweep", 16, 5, 1, 4)]),
+        (
+            ["prompt_sweep"],
+            1,
+            [Cell(1, "prompt_sweep", 16, 8, 1, 1), Cell(2, "prompt_sweep", 99, 8, 1, 1)],
+        ),
+    ],
+)
+def test_only_the_chosen_phases_are_planned(phases, requests, cells) -> None:
+    assert bench.plan_cells(phases, [16, 99], [5], [1, 2], 8, requests) == cells
+
+
+@pytest.mark.parametrize(
+    ("done", "every", "due"),
+    [(10, 10, True), (20, 10, True), (9, 10, False), (11, 10, False), (1, 1, True), (5, 0, False)],
+)
+def test_heartbeat_every_n_requests_and_never_when_off(done: int, every: int, due: bool) -> None:
+    assert bench.heartbeat_due(done, every) is due
+
+
+def test_heartbeat_line_names_the_phase_progress_and_wall_clock() -> None:
+    line = bench.heartbeat_line(
+        "concurrency", 40, 64, 12.34, 80.06, datetime(2026, 11, 22, 10, 1, 2)
+    )
+    assert line == "[concurrency] 40/64 requests, phase 12.3 s, run 80.1 s, 2026-11-22T10:01:02"
 
 
 def test_request_rates() -> None:
@@ -351,9 +469,9 @@ def test_cell_summary_aggregates_over_wall_time_and_keeps_failures_apart() -> No
         RequestResult(101, 5, 0.3, 0.9),  # stopped early: EOS was not ignored
         RequestResult(None, 0, None, 2.0, "HTTP 500: boom"),
     ]
-    s = bench.summarize_cell(Cell(3, 100, 4, 4), results, wall_s=1.5, max_tokens=8)
-    assert (s.cell, s.concurrency, s.requests, s.ok, s.errors) == (3, 4, 4, 3, 1)
-    assert s.first_error == "HTTP 500: boom"
+    s = bench.summarize_cell(Cell(3, "concurrency", 100, 8, 4, 4), results, wall_s=1.5)
+    assert (s.cell, s.phase, s.concurrency, s.max_tokens) == (3, "concurrency", 4, 8)
+    assert (s.requests, s.ok, s.errors, s.first_error) == (4, 3, 1, "HTTP 500: boom")
     assert (s.prompt_tokens_mean, s.prompt_tokens_min, s.prompt_tokens_max) == (101, 100, 102)
     assert s.completion_tokens == 21 and s.short_requests == 1
     assert math.isclose(s.aggregate_decode_tps, 21 / 1.5)
@@ -363,18 +481,123 @@ def test_cell_summary_aggregates_over_wall_time_and_keeps_failures_apart() -> No
 
 
 def test_a_cell_where_everything_failed_has_no_rates() -> None:
-    s = bench.summarize_cell(Cell(1, 16, 1, 1), [RequestResult(None, 0, None, 1, "x")], 1.0, 4)
+    failed = [RequestResult(None, 0, None, 1, "x")]
+    s = bench.summarize_cell(Cell(1, "token_sweep", 16, 4, 1, 1), failed, 1.0)
     assert s.ok == 0 and s.aggregate_decode_tps is None and s.latency_p50_s is None
     assert "-" in bench.format_table([s])
 
 
-def test_cell_record_is_plain_json_with_every_request() -> None:
-    results = [RequestResult(10, 4, 0.1, 0.4)]
-    summary = bench.summarize_cell(Cell(1, 16, 1, 1), results, 0.4, 4)
-    record = bench.cell_record(summary, results, {"model": "m"})
-    again = json.loads(json.dumps(record))
-    assert again["model"] == "m" and again["cell"] == 1
-    assert again["request_results"][0]["decode_tps"] == 10.0
+def served(node: str, latency: float, error: str | None = None) -> RequestResult:
+    if error:
+        return RequestResult(None, 0, None, latency, error, node)
+    return RequestResult(10, 11, 0.1, latency, None, node)
+
+
+def test_a_slow_node_stands_out_against_the_median_of_the_nodes() -> None:
+    results = [served(n, t) for n in ("http://a", "http://c") for t in (1.0, 1.2)]
+    results += [served("http://b", 3.0), served("http://b", 3.2)]
+    nodes = bench.summarize_nodes(results)
+    assert [n.node for n in nodes] == ["http://a", "http://b", "http://c"]
+    assert [n.latency_p50_s for n in nodes] == pytest.approx([1.1, 3.1, 1.1])
+    assert [n.latency_vs_median for n in nodes] == pytest.approx([1.0, 3.1 / 1.1, 1.0])
+    assert nodes[1].decode_tps_mean == pytest.approx((10 / 2.9 + 10 / 3.1) / 2)
+
+
+def test_a_failing_node_shows_its_errors_and_has_no_latency() -> None:
+    results = [served("http://a", 1.0), served("http://b", 0.0, "cannot reach the shoal API")]
+    a, b = bench.summarize_nodes(results)
+    assert (a.ok, a.errors, a.latency_vs_median) == (1, 0, 1.0)
+    assert (b.ok, b.errors, b.latency_p50_s, b.latency_vs_median) == (0, 1, None, None)
+    assert b.first_error == "cannot reach the shoal API"
+    phase = bench.summarize_phase("concurrency", 1, results, wall_s=1.0)
+    table = bench.format_nodes([phase])
+    assert "cannot reach the shoal API" in table.splitlines()[2]
+    assert table.splitlines()[1].split()[:3] == ["concurrency", "http://a", "1/1"]
+
+
+def test_phase_summary_totals_the_phase_and_splits_it_by_node() -> None:
+    results = [served("http://a", 1.0), served("http://b", 2.0), served("http://a", 0.5, "x")]
+    s = bench.summarize_phase("token_sweep", 2, results, wall_s=3.0)
+    assert (s.phase, s.cells, s.wall_s) == ("token_sweep", 2, 3.0)
+    assert (s.requests, s.ok, s.errors, s.first_error) == (3, 2, 1, "x")
+    assert s.completion_tokens == 22
+    assert [(n.node, n.requests) for n in s.per_node] == [("http://a", 2), ("http://b", 1)]
+
+
+def test_cell_and_phase_records_are_plain_json_lines_told_apart_by_kind() -> None:
+    results = [RequestResult(10, 4, 0.1, 0.4, node="http://a")]
+    summary = bench.summarize_cell(Cell(1, "token_sweep", 16, 4, 1, 1), results, 0.4)
+    cell = json.loads(json.dumps(bench.cell_record(summary, results, {"model": "m"})))
+    assert (cell["kind"], cell["phase"], cell["cell"], cell["model"]) == (
+        "cell",
+        "token_sweep",
+        1,
+        "m",
+    )
+    assert cell["request_results"][0]["decode_tps"] == 10.0
+    assert cell["request_results"][0]["node"] == "http://a"
+    phase = bench.summarize_phase("token_sweep", 1, results, 0.5)
+    line = json.loads(json.dumps(bench.phase_record(phase, {"model": "m"})))
+    assert (line["kind"], line["phase"], line["requests"], line["model"]) == (
+        "phase",
+        "token_sweep",
+        1,
+        "m",
+    )
+    (only,) = line["per_node"]
+    assert (only["node"], only["latency_p50_s"]) == ("http://a", 0.4)
+
+
+# ---- bench: one cell against a mock transport ------------------------------------------------
+
+
+def completion_stream(tokens: int) -> bytes:
+    chunks: list[dict | str] = [{"choices": [{"text": "w"}]} for _ in range(tokens)]
+    usage = {"prompt_tokens": 12, "completion_tokens": tokens}
+    return sse(*chunks, {"choices": [], "usage": usage}, "[DONE]")
+
+
+def run_one_cell(nodes: list[str], refused: set[str]) -> tuple[list[RequestResult], list[str]]:
+    """One 4-request cell at concurrency 2 over `nodes` through a mock transport that answers
+    each completion with max_tokens tokens, except on `refused` nodes, where nothing listens.
+    Returns the cell's results and the lines it printed (heartbeats every 2 requests)."""
+    cell, said = Cell(1, "concurrency", 16, 3, 2, 4), []
+    args = argparse.Namespace(timeout=10.0, heartbeat_every=2)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if f"http://{request.url.host}:{request.url.port}" in refused:
+            raise httpx.ConnectError("connection refused", request=request)
+        tokens = json.loads(request.content)["max_tokens"]
+        return httpx.Response(200, content=completion_stream(tokens))
+
+    async def go() -> list[RequestResult]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            calibration = Calibration(0, 1)
+            run = bench.Run(client, "m", calibration, nodes, [cell], args, said.append)
+            run.phase = cell.phase
+            return (await bench.run_cell(run, cell))[0]
+
+    return asyncio.run(go()), said
+
+
+def test_a_refused_node_fails_its_share_of_the_cell_and_the_others_go_on() -> None:
+    nodes = ["http://a:1", "http://b:2"]
+    results, said = run_one_cell(nodes, refused={"http://b:2"})
+    by_node = {n: [r.error for r in results if r.node == n] for n in nodes}
+    assert by_node == {
+        "http://a:1": [None, None],
+        "http://b:2": ["cannot connect to http://b:2"] * 2,
+    }
+    assert all(r.completion_tokens == 3 for r in results if r.ok)
+    assert [line.split(",")[0] for line in said] == [
+        "[concurrency] 2/4 requests",
+        "[concurrency] 4/4 requests",
+    ]
+
+
+def test_a_refused_only_node_stops_the_run() -> None:
+    with pytest.raises(chat.ApiUnreachable):
+        run_one_cell(["http://a:1"], refused={"http://a:1"})
 
 
 # ---- end to end against a real node ----------------------------------------------------------
@@ -456,31 +679,51 @@ def test_chat_with_an_unknown_model_prints_the_api_error_once(node: str) -> None
     assert len(done.stderr.strip().splitlines()) == 1 and "error:" in done.stderr
 
 
+def bench_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+HEARTBEAT = re.compile(
+    r"^\[(\w+)\] (\d+)/(\d+) requests, phase \d+\.\d s, run \d+\.\d s, "
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$"
+)
+
+
 @pytest.mark.timeout(300)
-def test_bench_writes_one_valid_line_per_cell(node: str, tmp_path: Path) -> None:
+def test_bench_appends_every_cell_and_phase_and_beats_every_n_requests(
+    node: str, tmp_path: Path
+) -> None:
     out = tmp_path / "bench.jsonl"
     done = shoal(
         "bench",
-        "--api",
-        node,
-        "--prompt-tokens",
-        "16",
-        "--concurrency",
-        "1,2",
-        "--max-tokens",
-        "4",
-        "--out",
-        str(out),
-        "--timeout",
-        "60",
+        *("--api", node, "--nodes", "all", "--out", str(out), "--timeout", "60"),
+        *("--tokens", "3,6", "--prompt-tokens", "16", "--concurrency", "1,2"),
+        *("--max-tokens", "4", "--requests", "2", "--heartbeat-every", "2"),
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "cell 2/2" in done.stdout
-    cells = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(c["cell"], c["concurrency"], c["requests"]) for c in cells] == [(1, 1, 1), (2, 2, 2)]
+    lines = bench_lines(out)
+    assert [(line["kind"], line["phase"]) for line in lines] == [
+        ("cell", "token_sweep"),
+        ("cell", "token_sweep"),
+        ("phase", "token_sweep"),
+        ("cell", "prompt_sweep"),
+        ("phase", "prompt_sweep"),
+        ("cell", "concurrency"),
+        ("cell", "concurrency"),
+        ("phase", "concurrency"),
+    ]
+    assert all(line["nodes"] == [node] for line in lines)  # `all` of a one-node cluster
+    cells = [line for line in lines if line["kind"] == "cell"]
+    assert [(c["cell"], c["max_tokens"], c["concurrency"]) for c in cells] == [
+        (1, 3, 1),
+        (2, 6, 1),
+        (3, 4, 1),
+        (4, 4, 1),
+        (5, 4, 2),
+    ]
     for c in cells:
-        assert c["ok"] == c["requests"] and c["errors"] == 0
-        assert c["completion_tokens"] == 4 * c["requests"]  # ignore_eos: exactly max_tokens
+        assert c["ok"] == c["requests"] == 2 and c["errors"] == 0
+        assert c["completion_tokens"] == c["max_tokens"] * 2  # ignore_eos: exactly max_tokens
         assert c["short_requests"] == 0
         assert 8 <= c["prompt_tokens_mean"] <= 32  # "about 16" through the real tokenizer
         for key in (
@@ -494,3 +737,78 @@ def test_bench_writes_one_valid_line_per_cell(node: str, tmp_path: Path) -> None
         ):
             assert isinstance(c[key], float) and math.isfinite(c[key]) and c[key] > 0, key
         assert c["ttft_p50_s"] <= c["latency_p50_s"]
+        assert {r["node"] for r in c["request_results"]} == {node}
+    for phase in (line for line in lines if line["kind"] == "phase"):
+        assert phase["ok"] == phase["requests"] and phase["errors"] == 0
+        assert [n["node"] for n in phase["per_node"]] == [node]
+    beats = [m.groups() for line in done.stdout.splitlines() if (m := HEARTBEAT.match(line))]
+    assert beats == [
+        ("token_sweep", "2", "10"),
+        ("token_sweep", "4", "10"),
+        ("prompt_sweep", "6", "10"),
+        ("concurrency", "8", "10"),
+        ("concurrency", "10", "10"),
+    ]
+    assert "cell 5/5" in done.stdout and "results:" in done.stdout
+
+
+@contextlib.contextmanager
+def loopback_forwarder(host: str, target_port: int) -> Iterator[str]:
+    """A second address for a node that listens on 127.0.0.1 only: pipes every connection to
+    host:<free port> through to it. Yields the forwarder's base URL."""
+    server = socket.create_server((host, 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve(client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", target_port)) as upstream:
+            back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+            back.start()
+            pipe(client, upstream)
+            back.join()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                client, _ = server.accept()
+                client.settimeout(None)
+                threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield f"http://{host}:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        acceptor.join()
+        server.close()
+
+
+@pytest.mark.timeout(300)
+def test_bench_spreads_requests_round_robin_and_reports_each_node(
+    node: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.jsonl"
+    with loopback_forwarder("127.0.0.2", httpx.URL(node).port) as second:
+        done = shoal(
+            "bench",
+            *("--nodes", f"{node},{second}", "--out", str(out), "--timeout", "60"),
+            *("--phases", "concurrency", "--prompt-tokens", "16", "--concurrency", "2"),
+            *("--max-tokens", "4", "--requests", "4", "--heartbeat-every", "0"),
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    cell, phase = bench_lines(out)
+    served_by = [r["node"] for r in cell["request_results"]]
+    assert sorted(served_by) == sorted([node, node, second, second])
+    assert [(n["node"], n["ok"]) for n in phase["per_node"]] == sorted([(node, 2), (second, 2)])
+    assert all(n["latency_vs_median"] > 0 for n in phase["per_node"])
+    assert not any(HEARTBEAT.match(line) for line in done.stdout.splitlines())
+    node_rows = [line for line in done.stdout.splitlines() if line.startswith("concurrency ")]
+    assert {row.split()[1] for row in node_rows} >= {node, second}  # the per-node table
