@@ -609,13 +609,16 @@ REPO = Path(__file__).resolve().parents[1]
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = (tmp_path_factory.mktemp("node") / "shoal-run.log").open("w+b")
+    home = tmp_path_factory.mktemp("node")
+    log = (home / "shoal-run.log").open("w+b")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal.cli", "run", "--host", "127.0.0.1", "--api-port", str(port)],
+        [sys.executable, "-m", "shoal.cli", "run", "--host", "127.0.0.1", "--api-port", str(port),
+         "--discovery-interfaces", "none"],
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=REPO,
-    )
+        env={**os.environ, "SHOAL_HOME": str(home)},  # not this machine's data dir
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

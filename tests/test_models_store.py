@@ -14,6 +14,7 @@ from shoal.models.cards import (
     ModelCard,
     blocked_reason,
     card_for,
+    cards_digest,
     load_cards,
     read_card,
 )
@@ -344,3 +345,10 @@ def test_partial_store_dirs_are_not_held(tmp_path: Path) -> None:
     assert found["org/ok"].source == tmp_path / "org--ok"
     # the same bytes under another name are other files: parity is by path and size
     assert found["org/ok"].held.files_digest != found[BUNDLED_MODEL_ID].held.files_digest
+
+
+def test_cards_that_differ_give_different_drift_digests(tmp_path: Path) -> None:
+    builtin = load_cards(None)
+    write(tmp_path / "cards" / "x.toml", 'model_id = "org/x"\nstatus = "blocked"\n')
+    mine = load_cards(tmp_path)
+    assert cards_digest(builtin) == cards_digest(load_cards(None)) != cards_digest(mine)

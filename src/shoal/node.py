@@ -39,7 +39,7 @@ from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError
 from shoal.control import Controller
 from shoal.engine.serving import ServedModel, pick_device
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
-from shoal.models.cards import CardError, load_cards
+from shoal.models.cards import CardError, cards_digest, load_cards
 from shoal.models.library import Library
 from shoal.models.store import ModelStore, parse_dirs
 from shoal.worker import Worker, WorkerSettings
@@ -104,7 +104,8 @@ class Node:
         self._not_ready_reason = "the node is starting"
         self._server: _Server | None = None
         self.identity = load_identity(settings.paths.data, settings.node_name)
-        self.cluster_settings = cluster_settings(settings)
+        cards = ("cards", cards_digest(self.library.cards))
+        self.cluster_settings = cluster_settings(settings, (cards,))
         self.cluster: ClusterService | None = None
         self.controller: Controller | None = None
         self.events = EventLog(settings.paths.data, self.identity.boot_id)
@@ -302,7 +303,9 @@ def _cannot_load(what: Path | str, exc: Exception) -> StartupError:
     )
 
 
-def cluster_settings(settings: RunSettings) -> ClusterSettings:
+def cluster_settings(
+    settings: RunSettings, flags: tuple[tuple[str, str], ...] = ()
+) -> ClusterSettings:
     """The cluster part of `shoal run`'s settings, with the user's text parsed."""
     try:
         peers = tuple(parse_static_peers(settings.peers))
@@ -331,6 +334,7 @@ def cluster_settings(settings: RunSettings) -> ClusterSettings:
         discovery_interfaces=interfaces,
         pinned_leader=settings.leader,
         offline=settings.offline,
+        flags=flags,
         timing=Timing(suspect_after=settings.suspect_after, gone_after=settings.gone_after),
     )
 

@@ -54,6 +54,7 @@ class ClusterSettings:
     discovery_interfaces: tuple[str, ...] | None = None  # None: every interface
     pinned_leader: bool = False
     offline: bool = False  # --offline; SHOAL_OFFLINE / HF_HUB_OFFLINE in the env count too
+    flags: tuple[tuple[str, str], ...] = ()  # more settings that must match across nodes
     poll_interval: float = 1.0
     probe_interval: float = 1.0
     timing: Timing = field(default_factory=Timing)
@@ -364,6 +365,7 @@ class ClusterService:
                 "namespace": self.namespace_hash,
                 "protocol": str(PROTOCOL_VERSION),
                 "offline": str(self.settings.offline or _offline()).lower(),
+                **dict(self.settings.flags),
             },
             api_port=self.api_port,
             addresses=tuple(self._advertised_addresses()),

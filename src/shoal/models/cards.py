@@ -10,15 +10,13 @@ says so explicitly (`allow_blocked`), `watch` ones are placed with a warning.
 
 from __future__ import annotations
 
-import logging
+import hashlib
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).with_name("cards")
 STATUSES = ("active", "blocked", "watch", "deprecated")
@@ -86,6 +84,13 @@ def load_cards(config_dir: Path | None, builtin_dir: Path = BUILTIN_DIR) -> dict
             card = read_card(path)
             cards[card.model_id] = card
     return cards
+
+
+def cards_digest(cards: Mapping[str, ModelCard]) -> str:
+    """One short string per set of cards: nodes whose cards differ show as drift, since the
+    leader's cards decide what may be placed."""
+    text = "\n".join(c.model_dump_json(exclude={"source"}) for _, c in sorted(cards.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def card_for(cards: Mapping[str, ModelCard], model_id: str) -> ModelCard:
