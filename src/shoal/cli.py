@@ -8,7 +8,7 @@ import sys
 
 from shoal import __version__
 from shoal.config import StartupError, add_run_flags, settings_from
-from shoal.ops import audit, bench, chat, doctor, models
+from shoal.ops import audit, bench, bootstrap, chat, doctor, models
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(run)
     run.set_defaults(func=_run)
     # client commands, each registering its own flags
-    for module in (chat, bench, doctor, audit, models):
+    for module in (chat, bench, doctor, audit, models, bootstrap):
         module.add_parser(commands)
     return parser
 
