@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from shoal.models.download import PullError, PullProgress, pull
+from shoal.cluster.report import DownloadState
+from shoal.models.download import PullError, pull
 from shoal.ops import models
 
 from fake_hf import FakeHub
@@ -63,7 +64,7 @@ def partials_under(path: Path) -> list[Path]:
 
 
 def test_pull_lands_every_file_byte_for_byte_and_reports_done(hub: FakeHub, tmp_path: Path):
-    seen: list[PullProgress] = []
+    seen: list[DownloadState] = []
     target = tmp_path / "store" / "org--tiny"
 
     assert pull(MODEL, target, endpoint=hub.url, on_progress=seen.append) == target
@@ -101,7 +102,7 @@ def test_interrupted_pull_resumes_with_a_range_request(tmp_path: Path):
     files = {"config.json": b"{}", shard: bytes(range(256)) * (12 * 4096)}  # 12 MiB
     with FakeHub({MODEL: files}) as hub:
         hub.cut(MODEL, shard, after_bytes=11 << 20, then_down=True)
-        seen: list[PullProgress] = []
+        seen: list[DownloadState] = []
 
         with pytest.raises(PullError, match="run the same command again to resume") as failed:
             pull(MODEL, tmp_path / "m", endpoint=hub.url, on_progress=seen.append)

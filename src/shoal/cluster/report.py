@@ -9,6 +9,7 @@ version behind still validates.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -207,10 +208,11 @@ class RunnerState(Model):
 
 
 class DownloadState(Model):
-    """One `shoal models pull` / `POST /models/pull` on this node."""
+    """One `shoal models pull` / `POST /models/pull` on this node: each snapshot of the pull's
+    progress, as it goes into the node's report and `/state` unchanged."""
 
     model_id: str
-    status: str = "downloading"  # downloading | done | failed
+    status: Literal["downloading", "done", "failed"] = "downloading"
     files_total: int = 0
     files_done: int = 0
     bytes_total: int = 0

@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx2
@@ -39,8 +39,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import http_get
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects
-from pydantic import BaseModel, ConfigDict
 
+from shoal.cluster.report import DownloadState
 from shoal.models.manifest import is_partial
 from shoal.models.store import looks_like_model
 
@@ -53,24 +53,7 @@ class PullError(Exception):
     """A pull that cannot go on; the message says what happened and what to do next."""
 
 
-class PullProgress(BaseModel):
-    """One snapshot of a pull, as shown in a node's state and by `shoal models pull`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model_id: str
-    status: Literal["downloading", "done", "failed"] = "downloading"
-    files_total: int = 0
-    files_done: int = 0
-    bytes_total: int = 0
-    bytes_done: int = 0
-    current_file: str | None = None
-    error: str | None = None
-    started_at: float
-    finished_at: float | None = None
-
-
-ProgressCallback = Callable[[PullProgress], None]
+ProgressCallback = Callable[[DownloadState], None]
 
 
 def pull(
@@ -90,7 +73,7 @@ def pull(
     `offline` never touches the network: it returns the dir if it holds a complete model.
     `endpoint` defaults to env HF_ENDPOINT, read now (huggingface_hub reads it once, at import);
     `token` to huggingface_hub's own lookup (HF_TOKEN, then `hf auth login`'s file).
-    `on_progress` gets a `PullProgress` as bytes arrive, throttled, and always a last one
+    `on_progress` gets a `DownloadState` as bytes arrive, throttled, and always a last one
     (status done or failed). Every expected failure is a `PullError`.
     """
     target = Path(target_dir)
@@ -281,7 +264,7 @@ class _Tracker:
     """Counts a pull's files and bytes and hands throttled snapshots to the callback."""
 
     def __init__(self, model_id: str, on_progress: ProgressCallback | None) -> None:
-        self.progress = PullProgress(model_id=model_id, started_at=time.time())
+        self.progress = DownloadState(model_id=model_id, started_at=time.time())
         self._on_progress = on_progress
         self._last_emit = 0.0
 

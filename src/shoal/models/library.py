@@ -99,10 +99,9 @@ class Library:
     ) -> None:
         from shoal.models.download import PullError, pull
 
-        def progress(p: object) -> None:
-            fields = {f: getattr(p, f) for f in DownloadState.model_fields if hasattr(p, f)}
+        def progress(state: DownloadState) -> None:
             with self._lock:
-                self._downloads[model_id] = DownloadState(**{**fields, "model_id": model_id})
+                self._downloads[model_id] = state
 
         try:
             pull(

@@ -28,7 +28,7 @@ from shoal.ops.chat import START_HINT, api_base, error_message
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from shoal.models.download import PullProgress
+    from shoal.cluster.report import DownloadState
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 OFFLINE_ENV = "SHOAL_OFFLINE"
@@ -51,7 +51,7 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
 
-    def __call__(self, progress: PullProgress) -> None:
+    def __call__(self, progress: DownloadState) -> None:
         if self._bar is None:
             if progress.status != "downloading":
                 return  # failed before the first file: the error says it all
