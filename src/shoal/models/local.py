@@ -33,7 +33,11 @@ class LocalModel:
 
 
 def describe(
-    model_id: str, path: Path, device: str = "cpu", source: Path | None = None
+    model_id: str,
+    path: Path,
+    device: str = "cpu",
+    source: Path | None = None,
+    manifest: Manifest | None = None,
 ) -> LocalModel:
     """Read a model's shape from its metadata: GGUF header or config.json + safetensors headers.
     The digest of its manifest (paths and sizes) lets placement keep to nodes whose files agree."""
@@ -49,7 +53,7 @@ def describe(
         weight_bytes=params * dtype_bytes,
         dtype_bytes=dtype_bytes,
         context_length=config.max_position_embeddings,
-        files_digest=build_manifest(model_id, source or path).digest,
+        files_digest=(manifest or build_manifest(model_id, source or path)).digest,
     )
     return LocalModel(model_id, path, held, source)
 
@@ -81,7 +85,7 @@ def local_models(
             continue
         try:
             found[stored.model_id] = describe(
-                stored.model_id, load_path(stored.path, card.file), device, stored.path
+                stored.model_id, load_path(stored.path, card.file), device, stored.path, manifest
             )
         except Exception as exc:  # one bad dir must not stop the node
             log.warning("not serving %s from %s: %s", stored.model_id, stored.path, exc)
