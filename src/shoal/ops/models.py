@@ -83,7 +83,7 @@ def run_pull(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.api:
         return _pull_on_node(args, model_id)
-    store = ModelStore(Path(args.models_dir).expanduser()) if args.models_dir else _default_store()
+    store = _store(args)
     include = args.include or card_for(_cards(), model_id).include
     try:
         with ProgressBar() as bar:  # closed before any message below
@@ -109,7 +109,10 @@ def run_pull(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _default_store() -> ModelStore:
+def _store(args: argparse.Namespace) -> ModelStore:
+    """--models-dir, else SHOAL_MODELS_DIR, else <data dir>/models."""
+    if args.models_dir:
+        return ModelStore(Path(args.models_dir).expanduser())
     return ModelStore.from_env(Paths.from_env().data)
 
 
@@ -150,7 +153,7 @@ def _pull_on_node(args: argparse.Namespace, model_id: str) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    store = ModelStore(Path(args.models_dir).expanduser()) if args.models_dir else _default_store()
+    store = _store(args)
     cards = _cards()
     rows = list(store.models())
     print(f"store {store.root}" + "".join(f", read-only {p}" for p in store.readonly))
