@@ -22,9 +22,11 @@ def spec(hosts: tuple[str, str] = CABLE, generation: int = 0, age: float = 100.0
 
 
 def link(peer: str, host: str, rtt: float | None, failing: bool = False,
-         kind: InterfaceKind = InterfaceKind.ETHERNET, loss: float = 0.0) -> PathStats:  # fmt: skip
+         kind: InterfaceKind = InterfaceKind.ETHERNET, loss: float = 0.0,
+         p50: float | None = None) -> PathStats:  # fmt: skip
     return PathStats(
-        peer_node_id=peer, peer_addr=f"{host}:52415", rtt_ms_ewma=rtt, interface_kind=kind,
+        peer_node_id=peer, peer_addr=f"{host}:52415", rtt_ms_ewma=rtt, rtt_ms_p50=p50,
+        interface_kind=kind,
         last_success=NOW - (5 if failing else 0.5), last_attempt=NOW - 0.2, loss=loss,
     )  # fmt: skip
 
@@ -97,6 +99,11 @@ BOUNDS = Thresholds(kind_bound_ms={**Thresholds().kind_bound_ms, InterfaceKind.V
         ("failing", "10.0.0.2", [link("b", "10.0.0.2", 0.2, failing=True)], False,
          "probes go unanswered", ""),
         ("seen by the other side only", "10.0.0.2", [], True, "measured from the other side", ""),
+        # a busy node answered a few probes late: the EWMA jumped, the path did not
+        ("late replies, fast path", "10.0.0.2", [link("b", "10.0.0.2", 14.0, p50=0.2)], True, "",
+         ""),
+        ("slow most of the window", "10.0.0.2", [link("b", "10.0.0.2", 0.2, p50=14.0)], False,
+         "RTT 14.0 ms is over the ethernet bound 10 ms", ""),
     ],
 )  # fmt: skip
 def test_check_path(name, host, records, ok, message, better):

@@ -2,8 +2,11 @@
 
 Before an instance starts (and before the leader moves one), each path it will use must be
 working, lose at most `max_loss` of its probes and stay under the RTT bound of its link kind
-(cluster.health.Thresholds, configurable). A failing check names the path, its numbers and a
-better measured address of the same peer, if one passes. Pure.
+(cluster.health.Thresholds, configurable). RTT here is the median of the probe window: a busy
+node (hashing a model, loading torch) answers a few probes late, which moves the EWMA past a
+tight loopback or Thunderbolt bound for seconds but says nothing about the path.
+A failing check names the path, its numbers and a better measured address of the same peer,
+if one passes. Pure.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def check_path(
             return PathCheck(src, dst, h, InterfaceKind.OTHER, None, 0.0, True,
                              "measured from the other side only")  # fmt: skip
         problem = _problem(p, th)
-        return PathCheck(src, dst, h, str(p.interface_kind), p.rtt_ms_ewma, p.loss,
+        return PathCheck(src, dst, h, str(p.interface_kind), typical_rtt(p), p.loss,
                          not problem, problem)  # fmt: skip
 
     check = judge(host, by_host.get(host))
@@ -66,9 +69,14 @@ def check_path(
     return check
 
 
+def typical_rtt(p: PathStats) -> float | None:
+    """The window's median, or the EWMA from a report that carries no median."""
+    return p.rtt_ms_p50 if p.rtt_ms_p50 is not None else p.rtt_ms_ewma
+
+
 def _problem(p: PathStats, th: Thresholds) -> str:
     """Why a measured path misses the thresholds; empty when it meets them."""
-    rtt, kind = p.rtt_ms_ewma, str(p.interface_kind)
+    rtt, kind = typical_rtt(p), str(p.interface_kind)
     if is_failing(p):
         return "probes go unanswered"
     if p.loss > th.max_loss:
