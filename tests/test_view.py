@@ -384,6 +384,14 @@ def test_state_document_shape() -> None:
     assert doc["refused"] == []
 
 
+def test_profile_names_the_device_where_the_node_reports_one() -> None:
+    mac = Resources(device="Mac16,9 · Apple M4 Max")
+    view = view_of(report("b", resources=mac))
+    doc = state_document(view, report("a", boot="boot-a"), T0)
+    models = {n["nodeId"]: n["nodeProfile"]["modelId"] for n in doc["topology"]["nodes"]}
+    assert models == {"a": "unknown", "b": "Mac16,9 · Apple M4 Max"}
+
+
 def test_nodes_and_links_documents_match_state() -> None:
     me = report("a", boot="boot-a", links=(path("b", "10.0.0.2", "10.0.0.1"),))
     view = view_of(report("b", joined_at=5.0))

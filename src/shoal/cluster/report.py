@@ -67,6 +67,7 @@ class Resources(Model):
     cpu_count: int = 0
     cpu_percent: float = 0.0
     gpus: tuple[GpuInfo, ...] = ()
+    device: str = ""  # "MacBookPro18,2 · Apple M1 Max": model and chip (cluster.machine)
 
 
 class PathStats(Model):

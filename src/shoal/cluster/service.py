@@ -29,6 +29,7 @@ from shoal.cluster.health import PathHealthTracker, Thresholds
 from shoal.cluster.identity import NodeIdentity
 from shoal.cluster.interfaces import local_interfaces
 from shoal.cluster.links import Prober
+from shoal.cluster.machine import local_device_label
 from shoal.cluster.report import (
     MAX_REPORT_BYTES,
     PROTOCOL_VERSION,
@@ -111,6 +112,7 @@ class ClusterService:
         self._interfaces: tuple[InterfaceInfo, ...] = ()
         self._thunderbolt: tuple[ThunderboltLink, ...] = ()
         self._gpus: tuple[GpuInfo, ...] = ()
+        self._device = ""  # "MacBookPro18,2 · Apple M1 Max", read once at start
         self._discovery: Discovery | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
@@ -126,6 +128,7 @@ class ClusterService:
     async def start(self) -> None:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(1.0, connect=0.5))
         self._gpus = _gpus()
+        self._device = await asyncio.to_thread(local_device_label)
         await self._read_local_hardware()
         self._refresh_report()
         await self.prober.start()
@@ -369,7 +372,7 @@ class ClusterService:
             },
             api_port=self.api_port,
             addresses=tuple(self._advertised_addresses()),
-            resources=_resources(self._gpus),
+            resources=_resources(self._gpus, self._device),
             interfaces=self._interfaces,
             thunderbolt=self._thunderbolt,
             links=tuple(self.prober.snapshot(time.time()) if links is None else links),
@@ -395,7 +398,7 @@ class ClusterService:
         return out
 
 
-def _resources(gpus: tuple[GpuInfo, ...]) -> Resources:
+def _resources(gpus: tuple[GpuInfo, ...], device: str) -> Resources:
     memory = psutil.virtual_memory()
     return Resources(
         ram_total=memory.total,
@@ -403,6 +406,7 @@ def _resources(gpus: tuple[GpuInfo, ...]) -> Resources:
         cpu_count=psutil.cpu_count() or 0,
         cpu_percent=psutil.cpu_percent(interval=None),
         gpus=gpus,
+        device=device,
     )
 
 

@@ -330,7 +330,7 @@ def _profile(r: NodeReport) -> dict[str, Any]:
     res = r.resources
     gpus = [g.model_dump(mode="json") for g in res.gpus]
     return {
-        "modelId": "unknown",
+        "modelId": res.device or "unknown",
         "chipId": res.gpus[0].name if res.gpus else "unknown",
         "friendlyName": r.name or r.node_id,
         "memory": {"ramTotal": res.ram_total, "ramAvailable": res.ram_available},
