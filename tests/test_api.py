@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from shoal.api.app import create_app
+from shoal.api.dashboard import FILES
 from shoal.models.bundled import BUNDLED_MODEL_ID as MODEL
 from shoal.node import startup_banner
 
@@ -482,3 +484,24 @@ def test_unexpected_exception_is_a_500_with_an_openai_error() -> None:
         assert response.json()["error"]["type"] == "server_error"
         assert "boom" in response.json()["error"]["message"]
         assert http.get("/health").status_code == 200
+
+
+def test_index_and_every_module_are_served_from_the_package() -> None:
+    class NoModels:
+        models: dict[str, Any] = {}
+        ready = True
+        not_ready_reason = ""
+
+    client = TestClient(create_app(NoModels()))
+    index = client.get("/")
+    assert index.status_code == 200 and "text/html" in index.headers["content-type"]
+    assert '<script type="module" src="/dashboard/app.js">' in index.text
+    scripts = sorted(FILES.rglob("*.js"))
+    assert len(scripts) >= 7
+    for path in scripts:
+        served = client.get(f"/dashboard/{path.relative_to(FILES).as_posix()}")
+        assert served.status_code == 200 and "javascript" in served.headers["content-type"], path
+        # every relative import names a file that exists: no build step resolves them
+        for target in re.findall(r'from "(\.[^"]+)"', served.text):
+            assert (path.parent / target).resolve().is_file(), (path, target)
+    assert client.get("/dashboard/no-such.js").status_code == 404

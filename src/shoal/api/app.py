@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from shoal import __version__
-from shoal.api import cluster, instances, metrics, models, openai
+from shoal.api import cluster, dashboard, instances, metrics, models, openai
 from shoal.api.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected
 from shoal.api.host import ModelHost
 
@@ -20,6 +20,8 @@ def create_app(host: ModelHost) -> FastAPI:
     app.include_router(instances.router)
     app.include_router(metrics.router)
     app.include_router(models.router)
+    app.include_router(dashboard.router)
+    app.mount("/dashboard", dashboard.static_files(), name="dashboard")
 
     @app.get("/health", response_model=None)
     async def health() -> JSONResponse:

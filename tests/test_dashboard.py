@@ -1,0 +1,188 @@
+"""The dashboard in a real browser (Debian's chromium, driven by playwright) against two real
+nodes on loopback: topology with both nodes and their measured paths, an instance launched from
+the UI that reaches ready, a streamed chat answer, models with an audit, and a node killed
+mid-test shown as gone. A screenshot of every view lands in test-artifacts/dashboard/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_instances import HOSTS, MODEL, Pair
+from waiting import wait_for
+
+pytestmark = pytest.mark.timeout(420)
+
+PORT = 52765
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "dashboard"
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra")
+if not os.access(CHROMIUM, os.X_OK):
+    pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    p = Pair(tmp_path_factory.mktemp("dash"), port=PORT)
+    try:
+        for name in HOSTS:
+            p.start(name)
+        query = f"/instance/placement?model_id={MODEL}&min_nodes=2"
+        wait_for(
+            "a 2-node placement on both nodes",
+            lambda: all(p.json(n, query) is not None for n in HOSTS),
+            timeout=90,
+            detail=p.log,
+        )
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def page(pair: Pair) -> Iterator[object]:
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw, tempfile.TemporaryDirectory() as profile:
+        context = pw.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
+            viewport={"width": 1280, "height": 900},
+        )  # fmt: skip
+        tab = context.new_page()
+        tab.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+        tab.on("console", lambda m: errors.append(m.text) if "view " in m.text else None)
+        tab.set_default_timeout(30_000)
+        tab.goto(pair.url("a", "/#topology"))
+        yield tab
+        context.close()
+    assert not errors, errors
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def node_id(pair: Pair, name: str) -> str:
+    return httpx.get(pair.url(name, "/node_id"), timeout=5).json()
+
+
+def test_topology_shows_both_nodes_and_their_paths_with_rtt(pair: Pair, page) -> None:
+    a, b = node_id(pair, "a"), node_id(pair, "b")
+    page.wait_for_selector(f'.card.node[data-node-id="{a}"][data-status="alive"]')
+    page.wait_for_selector(f'.card.node[data-node-id="{b}"][data-status="alive"]')
+    for src, dst in ((a, b), (b, a)):  # each direction has its own row and line, with an RTT
+        row = page.locator(f'#paths tr[data-from="{src}"][data-to="{dst}"]').first
+        row.wait_for()
+        page.wait_for_function(
+            "([s, d]) => /\\d\\.\\d+ ms/.test(document.querySelector("
+            "`#paths tr[data-from='${s}'][data-to='${d}'] td.rtt`)?.textContent || '')",
+            arg=[src, dst],
+        )
+        assert "loopback" in row.inner_text()
+        line = page.locator(f'#topology-graph line[data-from="{src}"][data-to="{dst}"]')
+        # loaded by chromium starting, a loopback path may read degraded; never down
+        assert line.get_attribute("data-status") in ("ok", "degraded")
+    labels = page.locator("#topology-graph text.path-label").all_text_contents()
+    assert any(re.search(r"a→b loopback \d+\.\d+ ms", t) for t in labels), labels
+    assert page.locator(".card.node.leader").count() == 1
+    assert "live" in page.inner_text("#status")
+    shot(page, "topology")
+
+
+def test_an_instance_launched_from_the_ui_reaches_ready(pair: Pair, page) -> None:
+    page.click('nav a[data-view="instances"]')
+    page.wait_for_selector(f'#model-picker option[value="{MODEL}"]', state="attached")
+    page.select_option("#model-picker", MODEL)
+    # previews: the possible layouts, and why the others are impossible
+    page.wait_for_selector(".preview.refused .reason")
+    reasons = " ".join(page.locator(".preview.refused .reason").all_inner_texts())
+    assert "not divisible by 2" in reasons, reasons  # SmolLM2's 9 heads: no 2-way tensor split
+    two_nodes = page.locator(
+        '.preview[data-sharding="Pipeline"][data-meta="GlooInstance"][data-nodes="2"]'
+    )
+    assert "rank 1:" in two_nodes.inner_text()
+    shot(page, "instances-previews")
+
+    def launched() -> bool:  # 409 while the leader's copy of a peer's report lags a poll
+        two_nodes.locator("button.launch").click()
+        page.wait_for_function(
+            "() => document.querySelector('#instance-message').textContent !== ''"
+        )
+        return page.inner_text("#instance-message").startswith("Launched")
+
+    wait_for("the instance launched", launched, 30, 1.0, detail=lambda: page.inner_text("main"))
+    page.wait_for_selector('.instance[data-status="ready"]', timeout=180_000)
+    card = page.locator(".instance").first
+    text = card.inner_text()
+    assert MODEL in text and "Pipeline parallel" in text and "gloo" in text.lower(), text
+    assert card.locator("tr.rank").count() == 2 and "lo" in text
+    assert "of 30" in text  # layer ranges of SmolLM2's 30 layers
+    shot(page, "instances")
+    # the paths the instance uses are highlighted in the topology
+    page.click('nav a[data-view="topology"]')
+    page.wait_for_selector("#topology-graph line.path.used")
+    assert page.locator("#paths tr.used").count() >= 1
+    shot(page, "topology-instance")
+
+
+def test_chat_streams_an_answer_with_ttft_and_speed(page) -> None:
+    page.click('nav a[data-view="chat"]')
+    page.wait_for_selector(f'#chat-model option[value="{MODEL}"]', state="attached")
+    page.fill("#chat-input", "What is the capital of France?")
+    # count how often the answer's text changes while it streams
+    page.evaluate(
+        """() => { window.updates = 0; new MutationObserver(() => window.updates++)
+           .observe(document.querySelector('#chat-log'),
+                    {subtree: true, childList: true, characterData: true}); }"""
+    )
+    page.click("#chat-send")
+    page.wait_for_selector(".turn.assistant.done", timeout=120_000)
+    answer = page.inner_text(".turn.assistant .text")
+    stats = page.inner_text(".turn.assistant .stats")
+    assert "Paris" in answer, answer
+    assert re.search(r"TTFT \d+ ms · \d+\.\d tok/s · \d+ tokens", stats), stats
+    assert page.evaluate("window.updates") > 5  # token by token, not one final write
+    shot(page, "chat")
+    page.click('nav a[data-view="instances"]')
+    page.wait_for_function(
+        "() => /tok\\/s|idle/.test(document.querySelector('.instance .tok-s')?.textContent)"
+    )
+
+
+def test_models_view_shows_holders_and_runs_an_audit(pair: Pair, page) -> None:
+    page.click('nav a[data-view="models"]')
+    row = page.locator(f'#models-table tr[data-model="{MODEL}"]')
+    row.wait_for()
+    assert row.inner_text().count("✓ held") == 2, row.inner_text()
+    row.locator("button.audit").click()
+    page.wait_for_selector(f'#models-table tr[data-model="{MODEL}"] .checks', timeout=60_000)
+    assert "RING_INPUT_READY" in row.inner_text(), row.inner_text()
+    shot(page, "models")
+
+
+def test_a_killed_node_shows_as_gone(pair: Pair, page) -> None:
+    b = node_id(pair, "b")
+    os.killpg(pair.procs["b"].pid, signal.SIGKILL)
+    pair.procs["b"].wait(timeout=10)
+    page.click('nav a[data-view="topology"]')
+    page.wait_for_selector(f'.card.node[data-node-id="{b}"][data-status="gone"]', timeout=30_000)
+    assert "gone" in page.locator(f'.card.node[data-node-id="{b}"]').inner_text()
+    shot(page, "topology-node-gone")
+    page.click('nav a[data-view="alerts"]')
+    page.wait_for_selector('#history tr[data-kind="node_gone"]', timeout=30_000)
+    shot(page, "alerts")
