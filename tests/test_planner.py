@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.cluster.report import InterfaceKind, NodeReport, PathStats, Resources
+from shoal.cluster.report import GpuInfo, InterfaceKind, NodeReport, PathStats, Resources
 from shoal.placement.planner import (
     MAX_REASONS,
     ModelSpec,
@@ -122,6 +122,8 @@ def test_single_node_needs_no_address() -> None:
          "no working path b -> a (unmeasured)"),
         ("stale success does not count", {"a": 16, "b": 16},
          [("a", "b", "both", 1.0)], request(min_nodes=2, max_nodes=2), None),
+        ("nccl needs a CUDA GPU on every rank", {"a": 16}, [], request(backend="nccl"),
+         "node a has no CUDA GPU (the nccl backend needs one per rank)"),
         ("pipeline longer than the model", {"a": 16, "b": 16},
          MESH[:1], request(ModelSpec("x", 1, 8, 1, 1, 8, GIB), min_nodes=2),
          "pipeline over 2 nodes: only 1 layers"),
@@ -135,6 +137,15 @@ def test_refusals(name, mem, links, req, expected) -> None:
         assert any(r.startswith("no working path a -> b (measured: 10.0.0.2") for r in found)
     else:
         assert expected in found
+
+
+def test_nccl_places_on_cuda_nodes_only() -> None:
+    reports = cluster({"a": 16, "b": 16}, MESH[:1])
+    cuda = Resources(ram_available=16 * GIB, gpus=(GpuInfo(name="H100", backend="cuda"),))
+    reports[1] = reports[1].model_copy(update={"resources": cuda})
+    assert placed(plan(request(backend="nccl"), reports, NOW)).nodes == ("b",)
+    refused = reasons(plan(request(backend="nccl", min_nodes=2), reports, NOW))
+    assert "node a has no CUDA GPU (the nccl backend needs one per rank)" in refused
 
 
 def test_one_way_record_is_enough_for_the_hop_that_needs_it() -> None:

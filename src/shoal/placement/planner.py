@@ -192,6 +192,11 @@ def _try(
 ) -> Placement | list[str]:
     """One node set: a placement, or every reason it cannot host the model."""
     m, n = req.model, len(nodes)
+    if req.backend == "nccl":  # NCCL runs on CUDA devices only: a CPU-only rank cannot join
+        no_gpu = [x for x in nodes if not any(g.backend == "cuda" for g in by_id[x].resources.gpus)]
+        if no_gpu:
+            return [f"node {x} has no CUDA GPU (the nccl backend needs one per rank)"
+                    for x in no_gpu]  # fmt: skip
     if req.sharding == "tensor":
         bad = [f"{v} {k}" for k, v in (("heads", m.num_heads), ("kv heads", m.num_kv_heads),
                ("hidden size", m.hidden_size)) if v % n]  # fmt: skip
