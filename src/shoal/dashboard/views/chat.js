@@ -3,7 +3,7 @@
 
 import { api, fill, h } from "../util.js";
 
-let picker, log, input, sendButton, stopButton, servedKey = "";
+let picker, log, input, temperature, maxTokens, sendButton, stopButton, servedKey = "";
 let history = [];
 let running = null; // the AbortController of the answer streaming now
 
@@ -12,12 +12,18 @@ export function mount(el) {
   log = h("div", { class: "log", id: "chat-log" }, h("div", { class: "empty" }, "Ask something."));
   input = h("textarea", { id: "chat-input", placeholder: "Message (Enter sends, Shift+Enter for a new line)",
     onkeydown: (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } } });
+  temperature = h("input", { id: "chat-temperature", type: "number", min: 0, max: 2, step: 0.1,
+    value: 0.7, style: "width:5em" });
+  maxTokens = h("input", { id: "chat-max-tokens", type: "number", min: 1, step: 1, value: 256,
+    style: "width:6em" });
   sendButton = h("button", { class: "primary", id: "chat-send", onclick: () => send() }, "Send");
   stopButton = h("button", { id: "chat-stop", disabled: true, onclick: () => running?.abort() }, "Stop");
   fill(el, h("div", { class: "chat" },
     h("div", { class: "toolbar" }, h("label", { for: "chat-model" }, "Model"), picker,
       h("button", { onclick: () => { history = []; fill(log); } }, "New chat")),
-    log, input, h("div", { class: "toolbar" }, sendButton, stopButton)));
+    log, input, h("div", { class: "toolbar" }, sendButton, stopButton,
+      h("label", { for: "chat-temperature", style: "margin-left:auto" }, "temperature"), temperature,
+      h("label", { for: "chat-max-tokens" }, "max tokens"), maxTokens)));
 }
 
 export async function update(state) {
@@ -65,7 +71,8 @@ async function send() {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       signal: running.signal,
-      body: JSON.stringify({ model, messages: history, stream: true, max_tokens: 256,
+      body: JSON.stringify({ model, messages: history, stream: true,
+        temperature: Number(temperature.value), max_tokens: Number(maxTokens.value),
         stream_options: { include_usage: true } }),
     });
     if (!response.ok) {

@@ -67,11 +67,16 @@ function instanceCard(state, iid, doc) {
       h("tbody", {}, ranks.map((r) => h("tr", { class: "rank" },
         h("td", {}, r.shard.deviceRank),
         h("td", {}, nameOf(state, r.node)),
-        h("td", {}, `${r.shard.startLayer}–${r.shard.endLayer} of ${r.shard.nLayers}`),
+        h("td", {}, layers(r.shard)),
         h("td", { class: "mono" }, body.rankInterfaces?.[r.node] || "–"),
         h("td", { class: "mono" }, (body.hostsByNode[r.node] || []).map((x) => x.ip).join(", ")),
         h("td", { title: r.status.reason || "" }, badge(r.status.status || "pending"),
           r.status.reason ? h("span", { class: "dim" }, ` ${r.status.reason}`) : null))))));
+}
+
+/** "0–14 (15 of 30)": the shard's end layer is exclusive, the text is not. */
+function layers(shard) {
+  return `${shard.startLayer}–${shard.endLayer - 1} (${shard.endLayer - shard.startLayer} of ${shard.nLayers})`;
 }
 
 async function preview() {
@@ -102,7 +107,7 @@ function previewCard(p) {
   return h("div", { class: "card preview", dataset: { sharding: p.sharding, meta: p.instance_meta, nodes: p.min_nodes } },
     h("div", { class: "title" }, title, badge("ok", "possible")),
     layout.map(({ node, shard }) => h("div", { class: "row" },
-      `rank ${shard.deviceRank}: ${nameOf(state, node)} layers ${shard.startLayer}–${shard.endLayer}`
+      `rank ${shard.deviceRank}: ${nameOf(state, node)} layers ${layers(shard)}`
       + ` via ${body.rankInterfaces?.[node] || "?"} ${(body.hostsByNode[node] || [])[0]?.ip || ""}`)),
     h("div", { style: "margin-top:8px" }, h("button", { class: "primary launch", onclick: (e) => launch(p, e.target) }, "Launch")));
 }

@@ -82,9 +82,12 @@ function pathsOf(state) {
     const health = (nodes[row.from_node]?.health || []).find(
       (x) => x.peer_node_id === row.to_node && x.peer_addr === row.to_addr);
     let status = health?.status || (row.rtt_ms_ewma === null ? "measuring" : "ok");
+    let reason = health?.reason || "";
     if (row.one_way && status !== "down") status = "one-way";
     if (!row.recent) status = "down";
-    return { ...row, status, reason: health?.reason || "", usedBy: used.get(row.key) || null };
+    const gone = [row.from_node, row.to_node].find((n) => nodes[n]?.status === "gone");
+    if (gone) [status, reason] = ["down", `${nameOf(state, gone)} is gone`];
+    return { ...row, status, reason, usedBy: used.get(row.key) || null };
   });
 }
 
@@ -110,8 +113,8 @@ function graph(state, paths) {
   const svg = h("svg", { class: "graph", viewBox: `0 0 ${width} ${height}`, id: "topology-graph",
     style: `height:${height}px` });
   svg.append(h("defs", {}, ["ok", "degraded", "one-way", "down", "measuring"].map((s) =>
-    h("marker", { id: `arrow-${s}`, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 5,
-      markerHeight: 5, orient: "auto-start-reverse" },
+    h("marker", { id: `arrow-${s}`, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 12,
+      markerHeight: 12, markerUnits: "userSpaceOnUse", orient: "auto-start-reverse" },
     h("path", { d: "M 0 0 L 10 5 L 0 10 z", fill: COLOURS[s] })))));
   for (const a of nodes) {
     for (const b of nodes) {
@@ -126,10 +129,11 @@ function graph(state, paths) {
       const ex = x2 - ux * (radius + 6) + nx, ey = y2 - uy * (radius + 6) + ny;
       const rtt = best.rtt_ms_p50 ?? best.rtt_ms_ewma;
       const text = `${nameOf(state, a.node_id)}→${nameOf(state, b.node_id)} ${best.interface_kind} `
+        + `${best.status === "ok" ? "" : `${best.status} `}`
         + `${ms(rtt)}${best.loss ? ` loss ${percent(best.loss)}` : ""}${more ? ` (+${more})` : ""}`;
       svg.append(h("line", {
         class: `path ${best.usedBy ? "used" : ""} ${best.status === "one-way" ? "one-way" : ""}`,
-        x1: sx, y1: sy, x2: ex, y2: ey, stroke: best.usedBy ? "var(--used)" : COLOURS[best.status],
+        x1: sx, y1: sy, x2: ex, y2: ey, stroke: COLOURS[best.status],
         "marker-end": `url(#arrow-${best.status})`, dataset: { from: a.node_id, to: b.node_id, status: best.status },
       }, h("title", {}, `${text}${best.reason ? `: ${best.reason}` : ""}`)));
       const lx = (sx + ex) / 2 + nx * 2.2, ly = (sy + ey) / 2 + ny * 2.2 + 4;
