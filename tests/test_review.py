@@ -7,7 +7,7 @@ import pytest
 from shoal.cluster.health import Thresholds
 from shoal.cluster.report import InstanceSpec, InterfaceKind, NodeReport, PathStats, RunnerState
 from shoal.placement.preflight import check_path, preflight
-from shoal.placement.review import COOLDOWN_S, UsedPath, review, used_paths
+from shoal.placement.review import COOLDOWN_S, UsedPath, review, used_path_rows, used_paths
 
 NOW = 10_000.0
 CABLE, VPN = ("10.0.0.1", "10.0.0.2"), ("100.64.0.1", "100.64.0.2")
@@ -49,6 +49,27 @@ def failed(rank: int, generation: int = 0) -> dict[str, RunnerState]:
 def test_used_paths_are_the_ring_and_the_store_paths():
     assert used_paths(spec()) == [UsedPath("a", "b", "10.0.0.2"), UsedPath("b", "a", "10.0.0.1")]
     assert used_paths(spec().model_copy(update={"nodes": ("a",)})) == []
+
+
+@pytest.mark.parametrize(
+    ("instance", "state", "kinds"),
+    [
+        (spec(CABLE), reports(), ["ethernet", "ethernet"]),
+        (spec(VPN), reports(), ["vpn", "vpn"]),
+        (spec(CABLE), reports(cable_ms=None), [None, None]),  # nobody measured the cable
+        (spec(CABLE), reports()[:1], ["ethernet", None]),  # b's report is gone
+    ],
+    ids=["cable", "vpn", "unmeasured", "source_report_missing"],
+)
+def test_used_path_rows_carry_the_kind_the_source_measured(
+    instance: InstanceSpec, state: list[NodeReport], kinds: list[str | None]
+) -> None:
+    rows = used_path_rows(instance, {r.node_id: r for r in state})
+    hosts = instance.rank_addresses
+    assert rows == [
+        {"src": "a", "dst": "b", "host": hosts[1], "kind": kinds[0]},
+        {"src": "b", "dst": "a", "host": hosts[0], "kind": kinds[1]},
+    ]
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shoal.cluster.plan import runner_of
-from shoal.cluster.report import InstanceSpec, NodeReport, RunnerState
+from shoal.cluster.report import InstanceSpec, NodeReport, PathStats, RunnerState
 from shoal.placement.addressing import is_failing, outbound_to
 
 SLOWER_FACTOR = 3.0
@@ -63,13 +63,31 @@ def used_paths(instance: InstanceSpec) -> list[UsedPath]:
     return list(dict.fromkeys(ring + store))
 
 
+def measured(reports: Mapping[str, NodeReport], path: UsedPath) -> PathStats | None:
+    """The path's source's own outbound record of it, if any."""
+    report = reports.get(path.src)
+    return outbound_to(path.dst, report.links if report else ()).get(path.host)
+
+
 def path_state(reports: Mapping[str, NodeReport], path: UsedPath) -> PathState:
     """What the path's source measured on it (its own outbound record)."""
-    report = reports.get(path.src)
-    p = outbound_to(path.dst, report.links if report else ()).get(path.host)
+    p = measured(reports, path)
     if p is None:  # unmeasured from this side: judged by placement, not here
         return PathState(None, False)
     return PathState(p.rtt_ms_ewma, is_failing(p))
+
+
+def used_path_rows(
+    instance: InstanceSpec, reports: Mapping[str, NodeReport]
+) -> list[dict[str, str | None]]:
+    """The paths the instance uses, for /state: each with the interface kind its source measured
+    it on (None where the source has no outbound record of it)."""
+    rows = []
+    for path in used_paths(instance):
+        p = measured(reports, path)
+        kind = str(p.interface_kind) if p is not None else None
+        rows.append({"src": path.src, "dst": path.dst, "host": path.host, "kind": kind})
+    return rows
 
 
 def slowest(
