@@ -17,6 +17,7 @@ from shoal.cluster.view import (
     drift_warnings,
     is_newer,
     links_document,
+    membership_changes,
     nodes_document,
     state_document,
 )
@@ -143,6 +144,57 @@ def test_refresh_reports_only_changes_on_the_configured_timing() -> None:
     assert view.refresh(T0 + 11.0) == {"b": PeerStatus.SUSPECT}
     assert view.refresh(T0 + 21.0) == {"b": PeerStatus.GONE}
     assert view.refresh(T0 + 30.0) == {}
+
+
+A, S, G = PeerStatus.ALIVE, PeerStatus.SUSPECT, PeerStatus.GONE
+
+# (statuses before, statuses after) -> membership events
+MEMBERSHIP_CASES = {
+    "first_seen": ({}, {"b": A}, [("b", "node_joined")]),
+    "unchanged": ({"b": A}, {"b": A}, []),
+    "suspect_is_still_a_member": ({"b": A}, {"b": S}, []),
+    "suspect_recovers": ({"b": S}, {"b": A}, []),
+    "alive_to_gone": ({"b": A}, {"b": G}, [("b", "node_gone")]),
+    "suspect_to_gone": ({"b": S}, {"b": G}, [("b", "node_gone")]),
+    "stays_gone": ({"b": G}, {"b": G}, []),
+    "back_after_gone": ({"b": G}, {"b": A}, [("b", "node_joined")]),
+    "first_seen_gone": ({}, {"b": G}, []),
+    "several_at_once": (
+        {"b": A, "c": G},
+        {"b": G, "c": A, "d": A},
+        [("b", "node_gone"), ("c", "node_joined"), ("d", "node_joined")],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "events"), MEMBERSHIP_CASES.values(), ids=MEMBERSHIP_CASES
+)
+def test_membership_changes(
+    before: dict[str, PeerStatus], after: dict[str, PeerStatus], events: list[tuple[str, str]]
+) -> None:
+    assert membership_changes(before, after) == events
+
+
+def test_membership_follows_a_liveness_timeline() -> None:
+    view = view_of()
+    seen: list[tuple[str, str]] = []
+    statuses: dict[str, PeerStatus] = {}
+
+    def tick(now: float) -> None:
+        nonlocal statuses
+        view.refresh(now)
+        after = {n: p.status for n, p in view.peers.items()}
+        seen.extend(membership_changes(statuses, after))
+        statuses = after
+
+    view.accept(report("b"), T0)
+    tick(T0)
+    tick(T0 + 3.0)  # suspect
+    tick(T0 + 5.0)  # gone
+    view.accept(report("b", boot="boot2", started=200.0), T0 + 6.0)
+    tick(T0 + 6.0)
+    assert seen == [("b", "node_joined"), ("b", "node_gone"), ("b", "node_joined")]
 
 
 @pytest.mark.parametrize("suspect_after, gone_after", [(4.0, 2.0), (2.0, 2.0), (0.0, 1.0)])

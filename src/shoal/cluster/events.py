@@ -18,7 +18,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 KEEP = 200
-QUIET_KINDS = ("recovered", "moved")  # good news is logged at info
+QUIET_KINDS = ("recovered", "moved", "node_joined")  # good news is logged at info
 
 
 class EventLog:

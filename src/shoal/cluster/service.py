@@ -42,7 +42,7 @@ from shoal.cluster.report import (
     ThunderboltLink,
 )
 from shoal.cluster.thunderbolt import local_thunderbolt_links
-from shoal.cluster.view import ClusterView, Timing
+from shoal.cluster.view import ClusterView, PeerStatus, Timing, membership_changes
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class ClusterService:
         self._client: httpx.AsyncClient | None = None
         self._stopping = False
         self.health = PathHealthTracker(settings.thresholds)
+        self._statuses: dict[str, PeerStatus] = {}  # peers' statuses at the last tick (events)
         self.events: EventLog | None = None  # set by the node: history across restarts
         # Hooks for the node's plan controller: extra report fields, and a call per poll tick.
         self.report_extras: Callable[[], dict[str, Any]] = dict
@@ -208,6 +209,7 @@ class ClusterService:
             self._refresh_report(links=links)
             await self._poll_peers()
             self.view.refresh(time.time())
+            self._note_membership()
             self.prober.set_targets(self._probe_targets())
             try:
                 self.on_tick()
@@ -238,6 +240,21 @@ class ClusterService:
                     peer=change.peer_node_id,
                     addr=change.peer_addr,
                 )
+
+    def _note_membership(self) -> None:
+        """node_joined / node_gone events since the last tick (goodbyes between ticks too)."""
+        before = self._statuses
+        self._statuses = {n: p.status for n, p in self.view.peers.items()}
+        if self.events is None:
+            return
+        for node_id, kind in membership_changes(before, self._statuses):
+            label = f"node {self.name_of(node_id)} ({node_id[:8]})"
+            if kind == "node_gone":
+                reason = self.view.peers[node_id].gone_reason or "no reason recorded"
+                self.events.add(kind, f"{label} is gone: {reason}", node=node_id)
+            else:
+                joined = "is back" if node_id in before else "joined"
+                self.events.add(kind, f"{label} {joined}", node=node_id)
 
     def name_of(self, node_id: str) -> str:
         report = self.view.report_of(node_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -192,6 +192,22 @@ def choose_leader(reports: Iterable[NodeReport]) -> str | None:
 
     best = min(reports, key=rank, default=None)
     return best.node_id if best else None
+
+
+def membership_changes(
+    before: Mapping[str, PeerStatus], after: Mapping[str, PeerStatus]
+) -> list[tuple[str, str]]:
+    """(node id, "node_joined" | "node_gone") per peer whose membership changed between two
+    snapshots of the peers' statuses: joined when first seen or back after gone (suspect and
+    alive are both members), gone when it turned gone. A peer first seen gone is no event."""
+    changes = []
+    for node_id, status in sorted(after.items()):
+        was = before.get(node_id)
+        if status != PeerStatus.GONE and was in (None, PeerStatus.GONE):
+            changes.append((node_id, "node_joined"))
+        elif status == PeerStatus.GONE and was not in (None, PeerStatus.GONE):
+            changes.append((node_id, "node_gone"))
+    return changes
 
 
 def drift_warnings(reports: Iterable[NodeReport]) -> list[str]:
