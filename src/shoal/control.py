@@ -10,6 +10,7 @@ the worker and the network.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVING = ("ready", "running")
+# "RTT 5.3 ms", "12.0 GiB", "loss 10%"; not addresses (10.0.0.2) nor counts
+_MEASURED = re.compile(r"(?<![\d.])\d+\.\d+(?!\.?\d)|\d+%")
 LEADER_GRACE_S = 3.0  # a starting node hears its peers' plans before it may lead
 
 
@@ -61,6 +64,11 @@ class PlaceAsk:
     max_nodes: int | None = None
     nodes: frozenset[str] | None = None  # only these nodes
     allow_blocked: bool = False  # place a model whose card says blocked
+
+
+def gist(text: str) -> str:
+    """A refusal without its measured numbers: "RTT 5.3 ms" and "RTT 5.4 ms" say one thing."""
+    return _MEASURED.sub("#", text)
 
 
 class NotLeader(Exception):
@@ -87,7 +95,7 @@ class Controller:
         self.events = service.events
         self.thresholds = service.settings.thresholds
         self.alerts: dict[str, str] = {}  # instance id -> why it cannot serve as placed
-        self._auto_refused: dict[str, str] = {}  # model -> last reason logged
+        self._auto_refused: dict[str, str] = {}  # model -> gist of the last refusal noted
         self._runner_status: dict[str, str] = {}  # runner id -> last status seen (for events)
         self._started = time.monotonic()
         self._best_rates: dict[str, float] = {}
@@ -148,11 +156,14 @@ class Controller:
             self._auto_refused.pop(want.model_id, None)
             return with_instance(current, result)
         text = result.text()
-        if self._auto_refused.get(want.model_id) != text:
-            log.info(
-                "waiting to place %s (--min-nodes %d): %s", want.model_id, want.min_nodes, text
+        # measured numbers move every tick: only a refusal that says something new is noted
+        if self._auto_refused.get(want.model_id) != gist(text):
+            self._auto_refused[want.model_id] = gist(text)
+            self.note(
+                "refused",
+                f"waiting to place {want.model_id} (--min-nodes {want.min_nodes}): {text}",
+                model=want.model_id,
             )
-            self._auto_refused[want.model_id] = text
         return current
 
     def _review(self, current: ClusterPlan) -> ClusterPlan:
@@ -175,7 +186,7 @@ class Controller:
             if verdict.move and candidate is not None:
                 moved = candidate.model_copy(update={"reason": verdict.reason})
                 current = with_instance(current, moved)
-                self._event(
+                self.note(
                     "moved",
                     f"instance {instance.instance_id} ({instance.model_id}) "
                     f"re-placed on {', '.join(self.service.name_of(n) for n in moved.nodes)}"
@@ -187,7 +198,7 @@ class Controller:
                 alerts[instance.instance_id] = verdict.reason + why
         for iid, text in alerts.items():
             if self.alerts.get(iid) != text:
-                self._event("instance", f"instance {iid}: {text}", instance=iid)
+                self.note("instance", f"instance {iid}: {text}", instance=iid)
         self.alerts = alerts
         return current
 
@@ -197,7 +208,7 @@ class Controller:
             if state.status != before:
                 self._runner_status[state.runner_id] = state.status
                 if state.status == "failed":
-                    self._event(
+                    self.note(
                         "runner_failed",
                         f"runner {state.runner_id} failed: {state.reason}",
                         instance=state.instance_id,
@@ -209,7 +220,8 @@ class Controller:
         self._best_rates[instance_id] = best
         return best
 
-    def _event(self, kind: str, message: str, **fields: Any) -> None:
+    def note(self, kind: str, message: str, **fields: Any) -> None:
+        """An event in this node's history (/state, /cluster/alerts), or a log line without one."""
         if self.events is not None:
             self.events.add(kind, message, **fields)
         else:

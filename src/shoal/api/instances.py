@@ -158,11 +158,9 @@ async def create_instance(body: CreateInstance, request: Request) -> Response:
     ask = dataclasses.replace(ask, max_nodes=len(nodes), nodes=frozenset(nodes))
     result = controller.place(ask)
     if isinstance(result, Refusal):  # the view changed since the layout was computed
-        raise ApiError(
-            409,
-            f"The instance no longer fits the cluster: {result.text()}.",
-            code="no_placement",
-        )
+        text = f"The instance no longer fits the cluster: {result.text()}."
+        controller.note("refused", f"POST /instance of {model_id}: {text}", model=model_id)
+        raise ApiError(409, text, code="no_placement")
     controller.create(result)
     return _command(result.instance_id)
 
