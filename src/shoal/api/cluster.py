@@ -10,8 +10,11 @@ from pydantic import BaseModel, ConfigDict
 
 from shoal.api.errors import ApiError
 from shoal.api.host import controller_of
+from shoal.cluster.catalog import models_document
+from shoal.cluster.hints import rdma_hints
 from shoal.cluster.service import ClusterService
 from shoal.cluster.view import links_document, nodes_document, state_document
+from shoal.placement.review import used_path_rows
 
 router = APIRouter()
 
@@ -58,6 +61,9 @@ async def state(request: Request) -> dict[str, Any]:
     document = state_document(cluster.view, cluster.report, time.time())
     controller = controller_of(request.app.state.host)
     if controller is not None:
+        reports = controller.reports()
+        by_id = {r.node_id: r for r in reports}
+        library = controller.library
         document["instances"] = controller.instances_document()
         document["runners"] = {rid: s.model_dump() for rid, s in controller.runner_states().items()}
         document["alerts"] = alerts_of(controller)
@@ -67,6 +73,11 @@ async def state(request: Request) -> dict[str, Any]:
             ]
             for i in controller.plan.instances
         }
+        document["instance_paths"] = {
+            i.instance_id: used_path_rows(i, by_id) for i in controller.plan.instances
+        }
+        document["models"] = models_document(reports, library.card if library is not None else None)
+        document["hints"] = rdma_hints(reports)
         document["events"] = controller.events.recent() if controller.events else []
         document["plan"] = {
             "term": controller.plan.term,
