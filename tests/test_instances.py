@@ -178,6 +178,56 @@ def test_audit_collects_every_nodes_manifest_through_the_api(pair: Pair) -> None
     assert "a: model not on this node" in result["checks"][0]["detail"]
 
 
+def test_audit_endpoint_runs_the_checks_over_every_nodes_manifest(pair: Pair) -> None:
+    doc = pair.json("a", f"/cluster/audit/{MODEL}")  # sizes only: the CLI test hashes
+    assert doc is not None and doc["model_id"] == MODEL and doc["ready"] is True, doc
+    checks = {c["name"]: (c["ok"], c["detail"]) for c in doc["checks"]}
+    assert checks["manifests from every node"] == (True, "2 node(s)")
+    assert checks["parity (path, size)"] == (True, "1 files match on 2 node(s)")
+    assert all(set(c) == {"name", "ok", "detail"} for c in doc["checks"])
+
+    absent = pair.json("b", "/cluster/audit/org/absent")
+    assert absent is not None and absent["ready"] is False and absent["model_id"] == "org/absent"
+    (reachable,) = absent["checks"]  # no manifest anywhere: nothing else to check
+    assert not reachable["ok"] and "a: model not on this node" in reachable["detail"]
+
+
+def test_state_carries_models_paths_hints_and_membership(pair: Pair) -> None:
+    state = pair.json("a", "/state")
+    assert state is not None
+    ids = {n["name"]: n["node_id"] for n in state["nodes"]}
+    assert state["hints"] == []  # no Thunderbolt on loopback
+    assert isinstance(state["instance_paths"], dict)
+    (row,) = [m for m in state["models"] if m["model_id"] == MODEL]
+    assert set(row["holders"]) == set(ids.values()) and row["differ"] == []
+    assert row["card"]["status"] == "active" and row["downloads"] == []
+    joined = [e for e in state["events"] if e["kind"] == "node_joined"]
+    assert any(e["node"] == ids["b"] and "node b (" in e["message"] for e in joined), joined
+    for node in state["topology"]["nodes"]:
+        assert node["nodeProfile"]["modelId"] not in ("", "unknown")  # the machine's label
+
+
+def test_a_refused_post_is_an_event_on_the_leader_and_a_preview_is_not(pair: Pair) -> None:
+    response = pair.get("b", f"/instance/placement?model_id={MODEL}&min_nodes=2")
+    assert response.status_code == 200, response.text
+    ((meta, body),) = response.json().items()
+    absent = "nobody/holds-this-either"
+    assert pair.get("b", f"/instance/placement?model_id={absent}").status_code == 400
+    posted = httpx.post(  # b forwards to the leader, whose answer comes back
+        pair.url("b", "/instance"),
+        json={"instance": {meta: {**body, "modelId": absent}}},
+        timeout=30,
+    )
+    assert posted.status_code == 409, posted.text
+    state = pair.json("b", "/state")
+    assert state is not None
+    leader = next(n["name"] for n in state["nodes"] if n["is_leader"])
+    events = (pair.json(leader, "/state") or {}).get("events", [])
+    refused = [e for e in events if e["kind"] == "refused" and e.get("model") == absent]
+    assert len(refused) == 1, events  # the POST only, not the placement query
+    assert "no longer fits the cluster" in refused[0]["message"]
+
+
 def test_a_node_checks_reachability_only_of_cluster_addresses(pair: Pair) -> None:
     there = pair.json("a", f"/cluster/reach?host={HOSTS['b']}&port={pair.port}")
     assert there is not None and there["ok"] is True
@@ -259,6 +309,11 @@ def test_runbook_places_and_chats_then_delete_frees_the_runners(pair: Pair) -> N
     ((iid, entry),) = state["instances"].items()
     (body,) = entry.values()
     assert len(body["nodeToRunner"]) == 2
+    names = {n["node_id"]: n["name"] for n in state["nodes"]}
+    paths = state["instance_paths"][iid]  # the ring both ways: each to the other's host
+    hops = sorted((names[p["src"]], names[p["dst"]], p["host"]) for p in paths)
+    assert hops == [("a", "b", HOSTS["b"]), ("b", "a", HOSTS["a"])], paths
+    assert all(p["kind"] in ("loopback", None) for p in paths), paths
     pids = [r["pid"] for r in state["runners"].values()]
     assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
 

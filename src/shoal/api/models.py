@@ -4,6 +4,7 @@ collection of manifests that `shoal audit` reads (node to node over the API, no 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import socket
 import time
@@ -16,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.api.errors import ApiError, invalid_request
 from shoal.api.host import library_of
+from shoal.models.cards import ModelCard
 from shoal.models.library import Library, PullRefused
+from shoal.ops.audit import audit, manifests_of, ready
 
 router = APIRouter()
 
@@ -105,6 +108,30 @@ async def cluster_manifests(
     nodes: str | None = Query(None, description="comma list of node names or ids"),
 ) -> dict[str, Any]:
     """Every node's manifest of the model, asked for by this node over the API."""
+    entries, card = await _gather_manifests(request, model_id, hash, nodes)
+    return {"model": model_id, "card": card.model_dump(), "nodes": entries}
+
+
+@router.get("/cluster/audit/{model_id:path}")
+async def cluster_audit(
+    model_id: str, request: Request, hash: bool = Query(False)
+) -> dict[str, Any]:
+    """`shoal audit` as data: the checks over every alive node's manifest of the model, with
+    the shard count the card expects."""
+    entries, card = await _gather_manifests(request, model_id, hash, None)
+    checks = audit(manifests_of(entries), expect_shards=card.expected_shards, hash=hash)
+    return {
+        "model_id": model_id,
+        "ready": ready(checks),
+        "checks": [dataclasses.asdict(c) for c in checks],
+    }
+
+
+async def _gather_manifests(
+    request: Request, model_id: str, hash: bool, nodes: str | None
+) -> tuple[list[dict[str, Any]], ModelCard]:
+    """Each chosen node's manifest entry (node_id, name, manifest or error), and this node's
+    card of the model."""
     host = request.app.state.host
     library, cluster = _library(request), host.cluster
     if cluster is None:
@@ -147,12 +174,7 @@ async def cluster_manifests(
     timeout = httpx.Timeout(HASH_TIMEOUT_S if hash else MANIFEST_TIMEOUT_S, connect=5.0)
     async with httpx.AsyncClient(timeout=timeout) as client:
         entries += await asyncio.gather(*(one(client, r.node_id, r.name) for r in chosen))
-    card = library.card(model_id)
-    return {
-        "model": model_id,
-        "card": card.model_dump(),
-        "nodes": entries,
-    }
+    return entries, library.card(model_id)
 
 
 @router.get("/cluster/reach")

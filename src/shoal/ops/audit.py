@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import quote
@@ -171,14 +171,19 @@ def collect(
     if response.status_code != 200:
         raise AuditUnreachable(error_message(response.status_code, response.content))
     body = response.json()
+    return manifests_of(body.get("nodes", [])), body.get("card") or {}
+
+
+def manifests_of(entries: Iterable[Mapping[str, Any]]) -> dict[str, Manifest | str]:
+    """`/cluster/manifests` entries by node name: the manifest, or why there is none."""
     manifests: dict[str, Manifest | str] = {}
-    for entry in body.get("nodes", []):
-        name = entry.get("name") or entry.get("node_id", "?")
+    for entry in entries:
+        name = entry.get("name") or entry.get("node_id") or "?"
         if entry.get("manifest") is not None:
             manifests[name] = Manifest.model_validate(entry["manifest"])
         else:
             manifests[name] = str(entry.get("error") or "no manifest")
-    return manifests, body.get("card") or {}
+    return manifests
 
 
 def run_audit(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
