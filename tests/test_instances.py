@@ -237,6 +237,17 @@ def test_a_node_checks_reachability_only_of_cluster_addresses(pair: Pair) -> Non
     assert outside.status_code == 400 and "not an address of a node" in outside.text
 
 
+def test_history_merges_the_events_of_every_node(pair: Pair) -> None:
+    a, b = pair.json("a", "/node_id"), pair.json("b", "/node_id")
+    doc = pair.json("b", "/cluster/history")
+    assert doc is not None and doc["unreachable"] == []
+    joined = {(e["recorded_by"], e["node"]) for e in doc["events"] if e["kind"] == "node_joined"}
+    assert {(a, b), (b, a)} <= joined, doc["events"]  # each saw the other join
+    assert [e["at"] for e in doc["events"]] == sorted(e["at"] for e in doc["events"])
+    bad = pair.get("a", "/cluster/history?limit=0")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "query.limit"
+
+
 def test_previews_cover_every_choice_with_a_layout_or_a_reason(pair: Pair) -> None:
     doc = pair.json("a", f"/instance/previews?model_id={MODEL}")
     assert doc is not None
@@ -244,8 +255,11 @@ def test_previews_cover_every_choice_with_a_layout_or_a_reason(pair: Pair) -> No
     assert len(previews) == 2 * 2 * 2  # sharding x meta x min_nodes 1..2
     for p in previews:
         assert (p["instance"] is None) != (p["error"] is None)
-    two = [p for p in previews if p["min_nodes"] == 2 and p["sharding"] == "Pipeline"]
-    assert all(p["instance"] for p in two)
+    two = {p["instance_meta"]: p for p in previews
+           if p["min_nodes"] == 2 and p["sharding"] == "Pipeline"}  # fmt: skip
+    assert two["GlooInstance"]["instance"]
+    # these loopback nodes have no CUDA GPU: NCCL is refused, and says why
+    assert "no CUDA GPU (the nccl backend needs one per rank)" in two["NcclInstance"]["error"]
 
 
 @pytest.mark.parametrize(

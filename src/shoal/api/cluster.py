@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+import httpx
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict
 
 from shoal.api.errors import ApiError
 from shoal.api.host import controller_of
 from shoal.cluster.catalog import models_document
+from shoal.cluster.events import merge_history
 from shoal.cluster.hints import rdma_hints
 from shoal.cluster.service import ClusterService
 from shoal.cluster.view import links_document, nodes_document, state_document
 from shoal.placement.review import used_path_rows
 
+log = logging.getLogger(__name__)
 router = APIRouter()
+HISTORY_TIMEOUT_S = 2.0  # a peer slower than this is named as unreachable, not waited for
+MAX_HISTORY_BYTES = 1_000_000  # a peer's larger answer is dropped, never parsed
 
 
 class Goodbye(BaseModel):
@@ -110,6 +118,38 @@ async def alerts(request: Request) -> dict[str, Any]:
         "alerts": alerts_of(controller),
         "events": controller.events.recent() if controller.events else [],
     }
+
+
+@router.get("/cluster/history")
+async def history(request: Request, limit: int = Query(200, ge=1, le=1000)) -> dict[str, Any]:
+    """Every alive node's recent events (each node's GET /cluster/alerts), as one history,
+    oldest first, each event marked with the node that recorded it."""
+    cluster, controller = _cluster(request), controller_of(request.app.state.host)
+    own = controller.events.recent() if controller is not None and controller.events else []
+    by_node: dict[str, Any] = {cluster.identity.node_id: own}
+    unreachable: list[str] = []
+
+    async def one(client: httpx.AsyncClient, node_id: str) -> None:
+        where = cluster.address_of(node_id)
+        try:
+            if where is None:
+                raise ValueError("no known address")
+            async with client.stream("GET", f"http://{where[0]}:{where[1]}/cluster/alerts") as r:
+                r.raise_for_status()
+                body = b""
+                async for chunk in r.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_HISTORY_BYTES:
+                        raise ValueError(f"answer over {MAX_HISTORY_BYTES} bytes")
+            by_node[node_id] = json.loads(body).get("events", [])
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            log.info("no history from %s: %r", cluster.name_of(node_id), exc)
+            unreachable.append(cluster.name_of(node_id))
+
+    peers = [r.node_id for r in cluster.view.alive_reports(cluster.report)]
+    async with httpx.AsyncClient(timeout=HISTORY_TIMEOUT_S) as client:
+        await asyncio.gather(*(one(client, n) for n in peers if n not in by_node))
+    return {"events": merge_history(by_node, limit), "unreachable": sorted(unreachable)}
 
 
 def alerts_of(controller: Any) -> list[dict[str, Any]]:

@@ -81,3 +81,27 @@ class EventLog:
             for e in self._events:
                 out[e["kind"]] = out.get(e["kind"], 0) + 1
             return out
+
+
+def merge_history(by_node: dict[str, Any], limit: int = KEEP) -> list[dict[str, Any]]:
+    """Several nodes' recent events as one history, oldest first, each marked with the node
+    that recorded it. Peers' lists are network data: anything that is not an event with a
+    time, a kind and a message is dropped with a log line."""
+    merged = []
+    for node_id, events in by_node.items():
+        for event in events if isinstance(events, list) else [events]:
+            if not _is_event(event):
+                log.warning("dropped a malformed event from %s: %.200r", node_id, event)
+                continue
+            merged.append({**event, "recorded_by": node_id})
+    merged.sort(key=lambda e: (e["at"], e["recorded_by"]))
+    return merged[-limit:]
+
+
+def _is_event(event: Any) -> bool:
+    return (
+        isinstance(event, dict)
+        and isinstance(event.get("at"), int | float)
+        and isinstance(event.get("kind"), str)
+        and isinstance(event.get("message"), str)
+    )

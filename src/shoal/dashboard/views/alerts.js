@@ -50,7 +50,8 @@ function renderHistory(state) {
     h("table", { class: "events" }, h("tbody", {}, [...events].reverse().map((e) => h("tr", {
       dataset: { kind: e.kind } },
       h("td", { class: "when" }, clock(e.at)),
-      h("td", {}, e.node ? nameOf(state, e.node) : ""),
+      h("td", { class: "when", title: "the node that recorded it" },
+        e.recorded_by ? `seen by ${nameOf(state, e.recorded_by)}` : ""),
       h("td", {}, badge(statusOf(e.kind), e.kind)),
       h("td", {}, e.message))))));
 }
