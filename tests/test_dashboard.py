@@ -176,6 +176,21 @@ def test_models_view_shows_holders_and_runs_an_audit(pair: Pair, page) -> None:
     shot(page, "models")
 
 
+def test_delete_from_the_ui_stops_the_runners(pair: Pair, page) -> None:
+    page.click('nav a[data-view="instances"]')
+    page.locator(".instance button.delete").first.click()
+    page.wait_for_function(
+        "() => document.querySelector('#instance-list').textContent.includes('No instance')"
+    )
+    assert page.inner_text("#instance-message").startswith("Deleted")
+
+    def stopped() -> bool:
+        runners = (pair.json("a", "/state") or {"runners": {"?": {}}})["runners"]
+        return all(r.get("status") == "stopped" for r in runners.values())
+
+    wait_for("every runner stopped", stopped, 60)
+
+
 def test_a_killed_node_shows_as_gone(pair: Pair, page) -> None:
     b = node_id(pair, "b")
     os.killpg(pair.procs["b"].pid, signal.SIGKILL)
