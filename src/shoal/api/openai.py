@@ -104,7 +104,7 @@ def _placed(request: Request, name: str) -> bool:
 
 async def _proxy(request: Request, name: str, path: str) -> Response:
     controller = _host(request).controller
-    return await proxy.forward(request, await proxy.endpoint_for(controller, name), path)
+    return await proxy.to_instance(request, controller, name, path)
 
 
 def _find_model(host: ModelHost, name: str) -> ServedModel:

@@ -3,7 +3,9 @@
 Tokens stream from the rank-0 node straight to the node holding the HTTP request (the leader
 is not on the path). The body is passed through byte for byte, so the runner's own
 validation and OpenAI error bodies reach the client unchanged; a client that disconnects
-closes the upstream stream, which cancels the generation there.
+closes the upstream stream, which cancels the generation there. A rank 0 that refuses or is
+gone before it answered anything, because its instance just moved to a new generation, is not
+the client's problem: the request follows the move (`to_instance`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from shoal.api.sse import DONE, sse
 from shoal.control import Controller
 
 READY_WAIT_S = 60.0  # a request for an instance still loading waits this long for it
+MOVE_WAIT_S = 5.0  # a refused request watches this long for its instance's move to show here
+MAX_MOVES = 3  # moves one request follows before it gives the client the refusal
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
@@ -43,7 +47,40 @@ async def endpoint_for(controller: Controller, model_id: str) -> str:
         await asyncio.sleep(0.25)
 
 
-async def forward(request: Request, base_url: str, path: str) -> Response:
+async def to_instance(
+    request: Request, controller: Controller, model_id: str, path: str
+) -> Response:
+    """The answer of the model's serving instance, following it when it moves mid-request."""
+    for _ in range(MAX_MOVES):
+        base_url = await endpoint_for(controller, model_id)
+        answer = await forward(request, base_url, path)
+        if not isinstance(answer, Refused) or not await _moved(controller, model_id, base_url):
+            break
+    return answer.response() if isinstance(answer, Refused) else answer
+
+
+async def _moved(controller: Controller, model_id: str, base_url: str) -> bool:
+    """Whether this node's view stops naming base_url as the model's endpoint (bounded wait:
+    the leader's new plan reaches a follower about a poll later)."""
+    deadline = time.monotonic() + MOVE_WAIT_S
+    while time.monotonic() < deadline:
+        if controller.endpoint(model_id)[0] != base_url:
+            return True
+        await asyncio.sleep(0.25)
+    return False
+
+
+class Refused:
+    """Rank 0 was unreachable or answered 503 before any byte reached the client."""
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.status, self.body, self.headers = status, body, headers
+
+    def response(self) -> Response:
+        return Response(self.body, status_code=self.status, headers=self.headers)
+
+
+async def forward(request: Request, base_url: str, path: str) -> Response | Refused:
     body = await request.body()
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
     upstream_request = client.build_request(
@@ -53,12 +90,23 @@ async def forward(request: Request, base_url: str, path: str) -> Response:
         upstream = await client.send(upstream_request, stream=True)
     except httpx.HTTPError as exc:
         await client.aclose()
-        raise ApiError(
+        lost = ApiError(
             503,
             f"The instance's rank-0 endpoint {base_url} did not answer: {exc}.",
             code="instance_unreachable",
             type="service_unavailable",
-        ) from None
+        )
+        return Refused(503, lost.response().body, {"content-type": "application/json"})
+    if upstream.status_code == 503:  # e.g. stopping: its instance moved on
+        try:
+            refusal = await upstream.aread()
+        except httpx.HTTPError:
+            refusal = b""
+        finally:
+            await upstream.aclose()
+            await client.aclose()
+        keep = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+        return Refused(503, refusal, keep)
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
 
     streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
