@@ -17,12 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shoal.models.bundled import bundled_model_path
+
+from fake_hf import FakeHub
 from test_instances import HOSTS, MODEL, Pair
 from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(420)
 
 PORT = 52765
+PULLED = "test-org/smol-gguf"  # served by a local fake Hugging Face endpoint
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "dashboard"
 FLAGS = [
@@ -36,8 +40,17 @@ if not os.access(CHROMIUM, os.X_OK):
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    p = Pair(tmp_path_factory.mktemp("dash"), port=PORT)
+def hub() -> Iterator[FakeHub]:
+    files = {"SmolLM2.gguf": bundled_model_path().read_bytes(), "README.md": b"# smol\n"}
+    with FakeHub({PULLED: files}) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def pair(hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    root = tmp_path_factory.mktemp("dash")
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(root / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    p = Pair(root, port=PORT, env=env)
     try:
         for name in HOSTS:
             p.start(name)
@@ -173,6 +186,22 @@ def test_models_view_shows_holders_and_runs_an_audit(pair: Pair, page) -> None:
     row.locator("button.audit").click()
     page.wait_for_selector(f'#models-table tr[data-model="{MODEL}"] .checks', timeout=60_000)
     assert "RING_INPUT_READY" in row.inner_text(), row.inner_text()
+    # a download into this node's store: progress under Stores, then the model is held here
+    page.fill("#pull-model", PULLED)
+    page.click("#pull-button")
+    page.wait_for_function("() => document.querySelector('#pull-message').textContent !== ''")
+    assert page.inner_text("#pull-message").startswith("Downloading"), page.inner_text("main")
+    page.wait_for_selector(f'#stores .download[data-model="{PULLED}"][data-status="done"]')
+    pulled = page.locator(f'#models-table tr[data-model="{PULLED}"]')
+    page.wait_for_function(
+        "(m) => document.querySelector(`#models-table tr[data-model='${m}']`)"
+        "?.textContent.includes('held')",
+        arg=PULLED,
+    )
+    assert pulled.inner_text().count("✓ held") == 1, pulled.inner_text()  # on a, not on b
+    page.fill("#pull-model", "no-such/model")
+    page.click("#pull-button")
+    page.wait_for_selector('#stores .download[data-model="no-such/model"][data-status="failed"]')
     shot(page, "models")
 
 

@@ -33,16 +33,20 @@ BLOCKED = "org/risky"
 
 
 class Pair:
-    def __init__(self, root: Path, port: int = PORT, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, root: Path, port: int = PORT, extra: tuple[str, ...] = (), env: dict | None = None
+    ) -> None:
         self.root = root
         self.port = port
         self.extra = extra
+        self.env = env or {}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str) -> None:
         host = HOSTS[name]
         peers = ",".join(f"{h}:{self.port}" for n, h in HOSTS.items() if n != name)
-        env = {**os.environ, "SHOAL_HOME": str(self.root / name), "SHOAL_TORCH_THREADS": "1"}
+        env = {**os.environ, "SHOAL_HOME": str(self.root / name), "SHOAL_TORCH_THREADS": "1",
+               **self.env}  # fmt: skip
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the node
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "shoal.cli", "run", "--host", host,

@@ -1,15 +1,22 @@
 // Models: which node holds which model (and whether their files agree), each model's card
-// status, downloads in flight, and a full audit on demand (`shoal audit` through the API).
+// status, downloads in flight, a full audit on demand (`shoal audit` through the API), and a
+// download into this node's store (`shoal models pull --api`: each node pulls for itself).
 
 import { api, badge, bytes, fill, h } from "../util.js";
 
-let table, stores, audits = {};
+let table, stores, pullInput, pullMessage, audits = {};
 let rendered = "";
 
 export function mount(el) {
   table = h("div", { id: "models-table" });
   stores = h("div", { id: "stores" });
-  fill(el, h("h2", {}, "Models in the cluster"), table, h("h2", {}, "Stores"), stores);
+  pullInput = h("input", { id: "pull-model", placeholder: "org/name on Hugging Face", size: 40,
+    onkeydown: (e) => { if (e.key === "Enter") pull(); } });
+  pullMessage = h("span", { id: "pull-message", class: "message" });
+  fill(el, h("h2", {}, "Models in the cluster"), table, h("h2", {}, "Stores"), stores,
+    h("h2", {}, "Download to this node"),
+    h("div", { class: "toolbar" }, pullInput,
+      h("button", { id: "pull-button", onclick: () => pull() }, "Download"), pullMessage));
 }
 
 export function update(state) {
@@ -40,9 +47,11 @@ function modelRow(nodes, m) {
     h("td", { title: m.card?.status_note || "" }, m.card ? badge(m.card.status) : h("span", { class: "dim" }, "no card")),
     nodes.map((n) => {
       const digest = m.holders?.[n.node_id];
-      const dl = (m.downloads || []).find((d) => d.node === n.node_id && d.status === "downloading");
-      if (dl) return h("td", {}, download(dl));
-      if (!(n.node_id in (m.holders || {}))) return h("td", { class: "dim" }, "–");
+      const dl = (m.downloads || []).find((d) => d.node === n.node_id && d.status !== "done");
+      const held = n.node_id in (m.holders || {});
+      if (dl?.status === "downloading") return h("td", {}, download(dl));
+      if (dl && !held) return h("td", { title: dl.error || "" }, badge("failed", "download failed"));
+      if (!held) return h("td", { class: "dim" }, "–");
       const differs = (m.differ || []).includes(n.node_id);
       return h("td", { title: digest ? `files digest ${digest}` : "" },
         differs ? badge("differs", "files differ") : badge("ok", "✓ held"));
@@ -67,6 +76,20 @@ function auditResult(audit) {
   return h("div", {}, badge(audit.ready ? "pass" : "fail", audit.ready ? "RING_INPUT_READY" : "not ready"),
     h("ul", { class: "checks" }, audit.checks.map((c) => h("li", {},
       badge(c.ok ? "pass" : "fail", c.ok ? "PASS" : "FAIL"), ` ${c.name}: ${c.detail}`))));
+}
+
+async function pull() {
+  const model = pullInput.value.trim();
+  if (!model) return;
+  try {
+    await api("/models/pull", { method: "POST", body: { model } });
+    pullMessage.className = "message";
+    fill(pullMessage, `Downloading ${model}: progress shows under Stores.`);
+    pullInput.value = "";
+  } catch (error) {
+    pullMessage.className = "message error";
+    fill(pullMessage, error.message);
+  }
 }
 
 async function runAudit(modelId) {
