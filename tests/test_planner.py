@@ -145,7 +145,10 @@ def test_nccl_places_on_cuda_nodes_only() -> None:
     reports[1] = reports[1].model_copy(update={"resources": cuda})
     assert placed(plan(request(backend="nccl"), reports, NOW)).nodes == ("b",)
     refused = reasons(plan(request(backend="nccl", min_nodes=2), reports, NOW))
-    assert "node a has no CUDA GPU (the nccl backend needs one per rank)" in refused
+    assert refused == [
+        "node a has no CUDA GPU (the nccl backend needs one per rank)",
+        "needs >= 2 nodes, 1 alive with a CUDA GPU",
+    ]
 
 
 def test_one_way_record_is_enough_for_the_hop_that_needs_it() -> None:

@@ -59,6 +59,17 @@ export function nameOf(state, nodeId) {
   return node?.name || (nodeId || "?").slice(0, 8);
 }
 
+/** Server text with node ids (whole, or their first 8 characters) shown as friendly names. */
+export function named(state, text) {
+  let out = String(text ?? "");
+  for (const n of state?.nodes || []) {
+    if (!n.name || !/^[0-9a-f]+$/.test(n.node_id)) continue;
+    out = out.split(n.node_id).join(n.name)
+      .replace(new RegExp(`\\b${n.node_id.slice(0, 8)}\\b`, "g"), n.name);
+  }
+  return out;
+}
+
 /** The host of "host:port" or "[v6]:port". */
 export function hostOf(addr) {
   if (!addr) return "";

@@ -166,12 +166,17 @@ def plan(
         for n in sorted(request.node_filter - by_id.keys()):
             refuse((n,), f"node {n} is not alive")
         eligible = [n for n in eligible if n in request.node_filter]
+    if request.backend == "nccl":  # NCCL runs on CUDA devices only: a CPU-only rank cannot join
+        for n in [n for n in eligible if not _has_cuda(by_id[n])]:
+            refuse((n,), f"node {n} has no CUDA GPU (the nccl backend needs one per rank)")
+        eligible = [n for n in eligible if _has_cuda(by_id[n])]
     # more memory first, so the subsets tried under the cap are the likeliest to fit
     eligible.sort(key=lambda n: (-by_id[n].resources.ram_available, n))
     low = max(1, request.min_nodes)
     high = min(len(eligible), request.max_nodes or len(eligible))
     if len(eligible) < low:
-        refuse(eligible, f"needs >= {low} nodes, {len(eligible)} alive")
+        with_cuda = " with a CUDA GPU" if request.backend == "nccl" else ""
+        refuse(eligible, f"needs >= {low} nodes, {len(eligible)} alive{with_cuda}")
     links = _Links(reports, now)
     for size in range(low, high + 1):
         fits: list[tuple[float, tuple[str, ...], Placement]] = []
@@ -192,11 +197,6 @@ def _try(
 ) -> Placement | list[str]:
     """One node set: a placement, or every reason it cannot host the model."""
     m, n = req.model, len(nodes)
-    if req.backend == "nccl":  # NCCL runs on CUDA devices only: a CPU-only rank cannot join
-        no_gpu = [x for x in nodes if not any(g.backend == "cuda" for g in by_id[x].resources.gpus)]
-        if no_gpu:
-            return [f"node {x} has no CUDA GPU (the nccl backend needs one per rank)"
-                    for x in no_gpu]  # fmt: skip
     if req.sharding == "tensor":
         bad = [f"{v} {k}" for k, v in (("heads", m.num_heads), ("kv heads", m.num_kv_heads),
                ("hidden size", m.hidden_size)) if v % n]  # fmt: skip
@@ -236,6 +236,10 @@ def _try(
     )
     dialled = [store] + [links.working(a, b)[0].peer_addr for a, b in hops[:-1]]
     return Placement(tuple(order), ranges, rank0, store, tuple(dialled), slowest)
+
+
+def _has_cuda(r: NodeReport) -> bool:
+    return any(g.backend == "cuda" for g in r.resources.gpus)
 
 
 def _usable(r: NodeReport, req: PlacementRequest) -> int:
