@@ -73,6 +73,9 @@ def serving_on(ns: Namespace, hosts: set[str], after_generation: int = -1) -> bo
     body = instance(ns)
     if body is None or body["storeAddress"].split(":")[0] not in hosts:
         return False
+    # every rank dialled on those paths: a layout with one slow hop is moved again soon
+    if not {ip["ip"] for ips in body["hostsByNode"].values() for ip in ips} <= hosts:
+        return False
     if body["generation"] <= after_generation:
         return False
     statuses = [r["status"] for r in body["runnerStatus"].values()]

@@ -52,14 +52,15 @@ def upstreams() -> Iterator[dict[str, str]]:
 
 
 class Plan:
-    """endpoint() names `first` until it has been asked `moves_after` times, then `then`."""
+    """endpoint() names `first` until it has been asked `moves_after` times, then `then`
+    (None: the new generation is still loading)."""
 
-    def __init__(self, first: str, then: str, moves_after: int) -> None:
+    def __init__(self, first: str, then: str | None, moves_after: int) -> None:
         self.urls, self.asked, self.moves_after = (first, then), 0, moves_after
 
     def endpoint(self, model_id: str) -> tuple[str | None, str]:
         self.asked += 1
-        return self.urls[self.asked > self.moves_after], ""
+        return self.urls[self.asked > self.moves_after], "loading"
 
 
 class Body:
@@ -75,12 +76,14 @@ class Body:
         ("rank 0 gone, the move shows: the new rank 0 answers", "gone", "serving", 2, 200, ANSWER),
         ("refused and nothing moved: the refusal as rank 0 sent it",
          "stopping", "stopping", 10**6, 503, STOPPING),
+        ("moved, but the new rank 0 still loading: the refusal, not a long wait",
+         "stopping", None, 1, 503, STOPPING),
         ("a plain answer is passed through", "serving", "serving", 10**6, 200, ANSWER),
     ],
 )  # fmt: skip
 def test_to_instance(upstreams, monkeypatch, name, first, then, moves_after, status, doc) -> None:
     monkeypatch.setattr(proxy, "MOVE_WAIT_S", 1.0)
-    plan = Plan(upstreams[first], upstreams[then], moves_after)
+    plan = Plan(upstreams[first], upstreams[then] if then else None, moves_after)
 
     async def ask() -> tuple[int, dict]:
         response = await proxy.to_instance(Body(), plan, "m", "/chat/completions")  # type: ignore[arg-type]

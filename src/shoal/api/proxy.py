@@ -24,7 +24,7 @@ from shoal.api.sse import DONE, sse
 from shoal.control import Controller
 
 READY_WAIT_S = 60.0  # a request for an instance still loading waits this long for it
-MOVE_WAIT_S = 5.0  # a refused request watches this long for its instance's move to show here
+MOVE_WAIT_S = 5.0  # a refused request watches this long for its instance serving elsewhere
 MAX_MOVES = 3  # moves one request follows before it gives the client the refusal
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 
@@ -50,24 +50,30 @@ async def endpoint_for(controller: Controller, model_id: str) -> str:
 async def to_instance(
     request: Request, controller: Controller, model_id: str, path: str
 ) -> Response:
-    """The answer of the model's serving instance, following it when it moves mid-request."""
+    """The answer of the model's serving instance, following it when it moves mid-request to
+    a new rank 0 that is already serving (never waiting out a new generation's load)."""
+    base_url = await endpoint_for(controller, model_id)
     for _ in range(MAX_MOVES):
-        base_url = await endpoint_for(controller, model_id)
         answer = await forward(request, base_url, path)
-        if not isinstance(answer, Refused) or not await _moved(controller, model_id, base_url):
+        if not isinstance(answer, Refused):
+            return answer
+        moved_to = await _serving_elsewhere(controller, model_id, base_url)
+        if moved_to is None:
             break
-    return answer.response() if isinstance(answer, Refused) else answer
+        base_url = moved_to
+    return answer.response()
 
 
-async def _moved(controller: Controller, model_id: str, base_url: str) -> bool:
-    """Whether this node's view stops naming base_url as the model's endpoint (bounded wait:
-    the leader's new plan reaches a follower about a poll later)."""
+async def _serving_elsewhere(controller: Controller, model_id: str, base_url: str) -> str | None:
+    """Another endpoint this node's view names as serving the model within MOVE_WAIT_S (the
+    leader's new plan reaches a follower about a poll later), or None."""
     deadline = time.monotonic() + MOVE_WAIT_S
     while time.monotonic() < deadline:
-        if controller.endpoint(model_id)[0] != base_url:
-            return True
+        url = controller.endpoint(model_id)[0]
+        if url is not None and url != base_url:
+            return url
         await asyncio.sleep(0.25)
-    return False
+    return None
 
 
 class Refused:
