@@ -64,7 +64,8 @@ export function named(state, text) {
   let out = String(text ?? "");
   for (const n of state?.nodes || []) {
     if (!n.name || !/^[0-9a-f]+$/.test(n.node_id)) continue;
-    out = out.split(n.node_id).join(n.name)
+    out = out.split(`${n.name} (${n.node_id.slice(0, 8)})`).join(n.name) // "node b (fe7357cb)"
+      .split(n.node_id).join(n.name)
       .replace(new RegExp(`\\b${n.node_id.slice(0, 8)}\\b`, "g"), n.name);
   }
   return out;
