@@ -5,10 +5,23 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from types import ModuleType
 
 from shoal import __version__
 from shoal.config import StartupError, add_run_flags, settings_from
 from shoal.ops import audit, bench, bootstrap, chat, doctor, models
+
+CLIENT_COMMANDS: dict[str, tuple[ModuleType, str]] = {
+    "chat": (chat, "chat with the models a node serves"),
+    "bench": (bench, "measure throughput and latency of a node's or a cluster's API"),
+    "doctor": (doctor, "show the cluster as a node sees it"),
+    "audit": (audit, "check a model's files are complete and identical on every node"),
+    "models": (models, "manage the models in this machine's store"),
+    "bootstrap": (
+        bootstrap,
+        "bring a model up across the cluster through the runbook's phase gates",
+    ),
+}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -33,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_flags(run)
     run.set_defaults(func=_run)
-    # client commands, each registering its own flags
-    for module in (chat, bench, doctor, audit, models, bootstrap):
-        module.add_parser(commands)
+    # client commands: each module's docstring describes it and its configure() adds its flags
+    for name, (module, help) in CLIENT_COMMANDS.items():
+        doc = module.__doc__ or ""
+        module.configure(commands.add_parser(name, help=help, description=doc.split("\n\n")[0]))
     return parser
 
 

@@ -234,12 +234,3 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)
     return parser
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "audit",
-        help="check a model's files are complete and identical on every node",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    return configure(parser)

@@ -823,16 +823,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `shoal bench`; the CLI calls `args.func(args)` and exits with its return."""
-    parser = subparsers.add_parser(
-        "bench",
-        help="measure throughput and latency of a node's or a cluster's API",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    return configure(parser)
-
-
 def main(argv: list[str] | None = None) -> int:
     return run(configure(argparse.ArgumentParser(prog="shoal bench")).parse_args(argv))
 

@@ -507,16 +507,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `shoal bootstrap`; the CLI calls `args.func(args)` and exits with its return."""
-    parser = subparsers.add_parser(
-        "bootstrap",
-        help="bring a model up across the cluster through the runbook's phase gates",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    return configure(parser)
-
-
 def main(argv: list[str] | None = None) -> int:
     return run(configure(argparse.ArgumentParser(prog="shoal bootstrap")).parse_args(argv))
 

@@ -380,16 +380,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `shoal chat`; the CLI calls `args.func(args)` and exits with its return."""
-    parser = subparsers.add_parser(
-        "chat",
-        help="chat with the models a node serves",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    return configure(parser)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = configure(argparse.ArgumentParser(prog="shoal chat")).parse_args(argv)
     return run(args)

@@ -199,10 +199,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "doctor", help="show the cluster as a node sees it", description=__doc__
-    )
+def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--api",
         default=os.environ.get("SHOAL_API", DEFAULT_API),

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -210,16 +210,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     list_parser.add_argument("--models-dir", help="the store (env SHOAL_MODELS_DIR)")
     list_parser.set_defaults(func=run_list)
     return parser
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `shoal models`; the CLI calls `args.func(args)` and exits with its return."""
-    parser = subparsers.add_parser(
-        "models",
-        help="manage the models in this machine's store",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    return configure(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
