@@ -20,7 +20,7 @@ import pytest
 from shoal.models.bundled import bundled_model_path
 
 from fake_hf import FakeHub
-from test_instances import HOSTS, MODEL, Pair
+from test_instances import MODEL, Pair
 from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(420)
@@ -52,15 +52,7 @@ def pair(hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pai
     env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(root / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
     p = Pair(root, port=PORT, env=env)
     try:
-        for name in HOSTS:
-            p.start(name)
-        query = f"/instance/placement?model_id={MODEL}&min_nodes=2"
-        wait_for(
-            "a 2-node placement on both nodes",
-            lambda: all(p.json(n, query) is not None for n in HOSTS),
-            timeout=90,
-            detail=p.log,
-        )
+        p.start_both(timeout=90)
         yield p
     finally:
         p.stop()

@@ -56,6 +56,19 @@ class Pair:
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
+    def start_both(self, timeout: float) -> None:
+        """Both nodes, alive in each other's view with the paths between them measured: a
+        2-node placement answers on each."""
+        for name in HOSTS:
+            self.start(name)
+        query = f"/instance/placement?model_id={MODEL}&min_nodes=2"
+        wait_for(
+            "a 2-node placement on both nodes",
+            lambda: all(self.json(n, query) is not None for n in HOSTS),
+            timeout=timeout,
+            detail=self.log,
+        )
+
     def url(self, name: str, path: str) -> str:
         return f"http://{HOSTS[name]}:{self.port}{path}"
 
@@ -95,15 +108,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         f'model_id = "{BLOCKED}"\nstatus = "blocked"\nstatus_note = "drifts between nodes"\n'
     )
     try:
-        for name in HOSTS:
-            p.start(name)
-        # both nodes alive in each other's view and the paths between them measured
-        query = f"/instance/placement?model_id={MODEL}&min_nodes=2"
-        wait_for(
-            "a 2-node placement on both nodes",
-            lambda: all(p.json(n, query) is not None for n in HOSTS),
-            timeout=60,
-        )
+        p.start_both(timeout=60)
         yield p
     finally:
         p.stop()
