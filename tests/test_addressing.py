@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.cluster.report import InterfaceKind, PathStats
 from shoal.placement.addressing import (
     PathOption,
     address_class,
@@ -12,6 +11,7 @@ from shoal.placement.addressing import (
     rank_paths,
     rtt_bucket,
 )
+from shoal.schema.report import InterfaceKind, PathStats
 
 NOW = 1000.0
 TB, ETH, WIFI, VPN = (

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from shoal.cluster.catalog import models_document
-from shoal.cluster.report import DownloadState, HeldModel, NodeReport, StoreState
 from shoal.models.cards import ModelCard, default_card
+from shoal.schema.report import DownloadState, HeldModel, NodeReport, StoreState
 
 
 def held(model_id: str = "org/m", digest: str | None = "d1") -> HeldModel:

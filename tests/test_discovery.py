@@ -23,7 +23,7 @@ from shoal.cluster.discovery import (
     parse_static_peers,
     resolve_interfaces,
 )
-from shoal.cluster.report import PROTOCOL_VERSION
+from shoal.schema.report import PROTOCOL_VERSION
 
 WAIT_S = 10.0  # registration probes for ~1.5 s and a goodbye lands ~1 s later; 10 s is slack
 

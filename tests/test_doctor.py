@@ -62,8 +62,8 @@ def test_render_of_a_lone_node_says_no_drift():
 
 
 def test_render_explains_each_hop_of_an_instance():
-    from shoal.cluster.plan import instance_document
-    from shoal.cluster.report import InstanceSpec, RunnerState
+    from shoal.placement.plan import instance_document
+    from shoal.schema.report import InstanceSpec, RunnerState
 
     spec = InstanceSpec(
         instance_id="inst1", model_id="m", nodes=("aaaa1111", "bbbb2222"),

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from shoal.cluster.report import DownloadState
 from shoal.models.download import PullError, pull
 from shoal.ops import models
+from shoal.schema.report import DownloadState
 
 from fake_hf import FakeHub
 

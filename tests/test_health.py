@@ -9,10 +9,9 @@ from shoal.cluster.health import (
     DOWN,
     OK,
     PathHealthTracker,
-    Thresholds,
-    parse_bounds,
 )
-from shoal.cluster.report import InterfaceKind, PathStats
+from shoal.schema.report import InterfaceKind, PathStats
+from shoal.schema.thresholds import Thresholds, parse_bounds
 
 
 def run(series: list[float | None], kind: str = InterfaceKind.VETH) -> list[str]:

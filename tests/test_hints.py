@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from shoal.cluster.hints import rdma_hints
-from shoal.cluster.report import InterfaceInfo, InterfaceKind, NodeReport, ThunderboltLink
+from shoal.schema.report import InterfaceInfo, InterfaceKind, NodeReport, ThunderboltLink
 
 TB = InterfaceKind.THUNDERBOLT
 

@@ -23,8 +23,8 @@ from shoal.cluster.interfaces import (
     parse_hardware_ports,
     read_linux_interface,
 )
-from shoal.cluster.report import InterfaceInfo
-from shoal.cluster.report import InterfaceKind as K
+from shoal.schema.report import InterfaceInfo
+from shoal.schema.report import InterfaceKind as K
 
 FIXTURES = Path(__file__).parent / "fixtures" / "thunderbolt"
 PORTS_TEXT = (FIXTURES / "networksetup_listallhardwareports.txt").read_text()

@@ -25,7 +25,7 @@ from shoal.cluster.links import (
     Prober,
     percentile,
 )
-from shoal.cluster.report import InterfaceKind
+from shoal.schema.report import InterfaceKind
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from shoal.cluster.plan import files_agree
-from shoal.cluster.report import HeldModel
 from shoal.models.cards import (
     CardError,
     ModelCard,
@@ -22,6 +20,8 @@ from shoal.models.local import local_models
 from shoal.models.manifest import Manifest, build_manifest
 from shoal.models.store import ModelStore, dir_name, load_path, model_id_of, validate_model_id
 from shoal.ops.audit import READY, audit, ready, render
+from shoal.placement.plan import files_agree
+from shoal.schema.report import HeldModel
 
 MODEL = "org/tiny"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.cluster.plan import (
+from shoal.placement.plan import (
     STORE_PORTS,
     desired_runners,
     instance_document,
@@ -20,7 +20,7 @@ from shoal.cluster.plan import (
     with_instance,
     without_instance,
 )
-from shoal.cluster.report import (
+from shoal.schema.report import (
     AutoPlace,
     ClusterPlan,
     InstanceSpec,

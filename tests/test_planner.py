@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.cluster.report import GpuInfo, InterfaceKind, NodeReport, PathStats, Resources
 from shoal.placement.planner import (
     MAX_REASONS,
     ModelSpec,
@@ -13,6 +12,7 @@ from shoal.placement.planner import (
     Refusal,
     plan,
 )
+from shoal.schema.report import GpuInfo, InterfaceKind, NodeReport, PathStats, Resources
 
 NOW = 1000.0
 GIB = 1024**3

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.cluster.health import Thresholds
-from shoal.cluster.report import InstanceSpec, InterfaceKind, NodeReport, PathStats, RunnerState
 from shoal.placement.preflight import check_path, preflight
 from shoal.placement.review import COOLDOWN_S, UsedPath, review, used_path_rows, used_paths
+from shoal.schema.report import InstanceSpec, InterfaceKind, NodeReport, PathStats, RunnerState
+from shoal.schema.thresholds import Thresholds
 
 NOW = 10_000.0
 CABLE, VPN = ("10.0.0.1", "10.0.0.2"), ("100.64.0.1", "100.64.0.2")

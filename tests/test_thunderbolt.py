@@ -10,13 +10,13 @@ import pytest
 
 from shoal.cluster import interfaces, thunderbolt
 from shoal.cluster.interfaces import parse_hardware_ports
-from shoal.cluster.report import ThunderboltLink
 from shoal.cluster.thunderbolt import (
     find_peer,
     local_thunderbolt_links,
     parse_link_speed,
     parse_thunderbolt,
 )
+from shoal.schema.report import ThunderboltLink
 
 FIXTURES = Path(__file__).parent / "fixtures" / "thunderbolt"
 PORTS_TEXT = (FIXTURES / "networksetup_listallhardwareports.txt").read_text()

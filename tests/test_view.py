@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from shoal.cluster.report import InterfaceInfo, InterfaceKind, NodeReport, PathStats, Resources
 from shoal.cluster.view import (
     ClusterView,
     PeerStatus,
@@ -21,6 +20,7 @@ from shoal.cluster.view import (
     nodes_document,
     state_document,
 )
+from shoal.schema.report import InterfaceInfo, InterfaceKind, NodeReport, PathStats, Resources
 
 NS = "ns-ours"
 T0 = 1000.0  # the fake clock starts here

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from shoal.cluster.plan import (
+from shoal.cluster.service import ClusterService, url_host
+from shoal.models.cards import blocked_reason
+from shoal.placement.plan import (
     META_NAME,
     files_agree,
     find_instance,
@@ -33,12 +35,10 @@ from shoal.cluster.plan import (
     with_instance,
     without_instance,
 )
-from shoal.cluster.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
-from shoal.cluster.service import ClusterService, url_host
-from shoal.models.cards import blocked_reason
 from shoal.placement.planner import CandidateReason, Placement, PlacementRequest, Refusal, plan
 from shoal.placement.preflight import PathCheck, preflight
 from shoal.placement.review import review
+from shoal.schema.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
 from shoal.worker import Worker
 
 if TYPE_CHECKING:

@@ -30,9 +30,7 @@ from shoal.cluster.discovery import (
     resolve_interfaces,
 )
 from shoal.cluster.events import EventLog
-from shoal.cluster.health import parse_bounds
 from shoal.cluster.identity import load_identity
-from shoal.cluster.report import AutoPlace, HeldModel
 from shoal.cluster.service import ClusterService, ClusterSettings
 from shoal.cluster.view import Timing
 from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError
@@ -42,6 +40,8 @@ from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 from shoal.models.cards import CardError, cards_digest, load_cards
 from shoal.models.library import Library
 from shoal.models.store import ModelStore, parse_dirs
+from shoal.schema.report import AutoPlace, HeldModel
+from shoal.schema.thresholds import parse_bounds
 from shoal.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)

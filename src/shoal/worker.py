@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.cluster.plan import desired_runners
-from shoal.cluster.report import ClusterPlan, InstanceSpec, RunnerState
 from shoal.engine.runner import TOKENS_EVERY_S, RunnerSpec
 from shoal.models.local import LocalModel
+from shoal.placement.plan import desired_runners
+from shoal.schema.report import ClusterPlan, InstanceSpec, RunnerState
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from shoal.cluster.report import HeldModel
 from shoal.cluster.service import ClusterService
 from shoal.engine.serving import ServedModel
+from shoal.schema.report import HeldModel
 
 if TYPE_CHECKING:  # the controller imports the worker, which imports the runner, which the API
     from shoal.control import Controller

@@ -18,15 +18,15 @@ from pydantic import BaseModel, ConfigDict
 
 from shoal.api.errors import ApiError, invalid_request
 from shoal.api.host import controller_of
-from shoal.cluster.plan import (
+from shoal.control import Controller, NotLeader, PlaceAsk
+from shoal.placement.plan import (
     instance_document,
     parse_instance_document,
     parse_meta,
     parse_sharding,
 )
-from shoal.cluster.report import InstanceSpec
-from shoal.control import Controller, NotLeader, PlaceAsk
 from shoal.placement.planner import Refusal
+from shoal.schema.report import InstanceSpec
 
 router = APIRouter()
 

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 
 from shoal.api.cluster import alerts_of
 from shoal.api.host import controller_of
-from shoal.cluster.plan import runner_of
+from shoal.placement.plan import runner_of
 
 router = APIRouter()
 PATH_LABELS = ("src", "dst", "addr", "kind")

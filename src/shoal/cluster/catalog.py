@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from shoal.cluster.plan import files_agree, holders
-from shoal.cluster.report import NodeReport
+from shoal.placement.plan import files_agree, holders
+from shoal.schema.report import NodeReport
 
 if TYPE_CHECKING:
     from shoal.models.cards import ModelCard

@@ -25,7 +25,7 @@ from zeroconf import (
     Zeroconf,
 )
 
-from shoal.cluster.report import PROTOCOL_VERSION
+from shoal.schema.report import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 

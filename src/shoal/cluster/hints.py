@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from shoal.cluster.report import InterfaceInfo, InterfaceKind, NodeReport, ThunderboltLink
 from shoal.cluster.thunderbolt import TB5_MIN_GBPS
+from shoal.schema.report import InterfaceInfo, InterfaceKind, NodeReport, ThunderboltLink
 
 RDMA_HOWTO = (
     "RDMA over Thunderbolt 5 needs macOS 26.2 or later on both Macs and is enabled once per "

@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from shoal.cluster.report import InterfaceInfo, InterfaceKind
+from shoal.schema.report import InterfaceInfo, InterfaceKind
 
 log = logging.getLogger(__name__)
 

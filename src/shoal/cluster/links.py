@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from shoal.cluster import probe_wire as wire
-from shoal.cluster.report import InterfaceKind, PathStats
+from shoal.schema.report import InterfaceKind, PathStats
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from shoal.cluster.report import InterfaceKind
+from shoal.schema.report import InterfaceKind
 
 WIRE_VERSION = 1
 MAX_DATAGRAM_BYTES = 2048  # a probe is ~150 bytes; anything larger is not ours

@@ -25,12 +25,14 @@ from pydantic import ValidationError
 from shoal import __version__
 from shoal.cluster.discovery import Discovery, PeerAnnouncement, namespace_hash
 from shoal.cluster.events import EventLog
-from shoal.cluster.health import PathHealthTracker, Thresholds
+from shoal.cluster.health import PathHealthTracker
 from shoal.cluster.identity import NodeIdentity
 from shoal.cluster.interfaces import local_interfaces
 from shoal.cluster.links import Prober
 from shoal.cluster.machine import local_device_label
-from shoal.cluster.report import (
+from shoal.cluster.thunderbolt import local_thunderbolt_links
+from shoal.cluster.view import ClusterView, PeerStatus, Timing, membership_changes
+from shoal.schema.report import (
     MAX_REPORT_BYTES,
     PROTOCOL_VERSION,
     GpuInfo,
@@ -41,8 +43,7 @@ from shoal.cluster.report import (
     Resources,
     ThunderboltLink,
 )
-from shoal.cluster.thunderbolt import local_thunderbolt_links
-from shoal.cluster.view import ClusterView, PeerStatus, Timing, membership_changes
+from shoal.schema.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shoal.cluster.interfaces import macos_hardware_ports, run_tool
-from shoal.cluster.report import ThunderboltLink
+from shoal.schema.report import ThunderboltLink
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from shoal.cluster.report import PROTOCOL_VERSION, NodeReport, PathStats
+from shoal.schema.report import PROTOCOL_VERSION, NodeReport, PathStats
 
 
 class PeerStatus(StrEnum):

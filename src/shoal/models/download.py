@@ -40,9 +40,9 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects
 
-from shoal.cluster.report import DownloadState
 from shoal.models.manifest import is_partial
 from shoal.models.store import looks_like_model
+from shoal.schema.report import DownloadState
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 PROGRESS_INTERVAL_S = 0.1  # on_progress at most ~10 times a second, plus the final call

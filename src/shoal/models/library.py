@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.cluster.report import DownloadState, StoreState
 from shoal.models.cards import ModelCard, card_for
 from shoal.models.local import LocalModel, local_models
 from shoal.models.manifest import Manifest, build_manifest
 from shoal.models.store import ModelStore
+from shoal.schema.report import DownloadState, StoreState
 
 log = logging.getLogger(__name__)
 

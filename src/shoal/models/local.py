@@ -9,12 +9,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.cluster.report import HeldModel
 from shoal.engine.config import ModelConfig
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 from shoal.models.cards import ModelCard, card_for
 from shoal.models.manifest import Manifest, build_manifest
 from shoal.models.store import ModelStore, load_path
+from shoal.schema.report import HeldModel
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from shoal.ops.chat import START_HINT, api_base, error_message
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from shoal.cluster.report import DownloadState
+    from shoal.schema.report import DownloadState
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 OFFLINE_ENV = "SHOAL_OFFLINE"

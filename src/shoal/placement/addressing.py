@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from shoal.cluster.report import InterfaceKind, PathStats
+from shoal.schema.report import InterfaceKind, PathStats
 
 DEFAULT_PREFERRED_SUBNETS = ("192.168.100.0/24",)
 RTT_BUCKETS_MS = (1.0, 5.0, 20.0, 100.0)  # <1 ms, <5, <20, <100, slower

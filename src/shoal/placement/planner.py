@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from shoal.cluster.report import NodeReport
 from shoal.placement.addressing import RECENT_S, PathOption, host_of, options_to, rank_key
+from shoal.schema.report import NodeReport
 
 GIB = 1024**3
 MAX_EXHAUSTIVE = 8

@@ -2,7 +2,7 @@
 
 Before an instance starts (and before the leader moves one), each path it will use must be
 working, lose at most `max_loss` of its probes and stay under the RTT bound of its link kind
-(cluster.health.Thresholds, configurable). RTT here is the median of the probe window: a busy
+(schema.thresholds.Thresholds, configurable). RTT here is the median of the probe window: a busy
 node (hashing a model, loading torch) answers a few probes late, which moves the EWMA past a
 tight loopback or Thunderbolt bound for seconds but says nothing about the path.
 A failing check names the path, its numbers and a better measured address of the same peer,
@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from shoal.cluster.health import Thresholds
-from shoal.cluster.report import InstanceSpec, InterfaceKind, NodeReport, PathStats
 from shoal.placement.addressing import is_failing, outbound_to
 from shoal.placement.review import used_paths
+from shoal.schema.report import InstanceSpec, InterfaceKind, NodeReport, PathStats
+from shoal.schema.thresholds import Thresholds
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from shoal.cluster.plan import runner_of
-from shoal.cluster.report import InstanceSpec, NodeReport, PathStats, RunnerState
 from shoal.placement.addressing import is_failing, outbound_to
+from shoal.placement.plan import runner_of
+from shoal.schema.report import InstanceSpec, NodeReport, PathStats, RunnerState
 
 SLOWER_FACTOR = 3.0
 SLOWER_MARGIN_MS = 2.0

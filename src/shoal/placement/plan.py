@@ -17,7 +17,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from shoal.cluster.report import (
+from shoal.placement.planner import CandidateReason, ModelSpec, Placement, PlacementRequest
+from shoal.schema.report import (
     AutoPlace,
     ClusterPlan,
     HeldModel,
@@ -25,7 +26,6 @@ from shoal.cluster.report import (
     NodeReport,
     RunnerState,
 )
-from shoal.placement.planner import CandidateReason, ModelSpec, Placement, PlacementRequest
 
 # Instance meta names: shoal's own, and exo's accepted as aliases (ring -> gloo, jaccl -> nccl).
 META_BACKEND = {
