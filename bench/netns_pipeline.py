@@ -26,10 +26,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from shoal.engine.runner import RunnerSpec  # noqa: E402
 from shoal.engine.sharding import even_layer_ranges  # noqa: E402
 from shoal.engine.weights import open_source  # noqa: E402
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path  # noqa: E402
+from shoal.runner.spec import RunnerSpec  # noqa: E402
 
 from netns import Lab, Namespace  # noqa: E402
 
@@ -67,7 +67,7 @@ def start_rank(ns: Namespace, spec: RunnerSpec, log: Path) -> subprocess.Popen:
             ns.name,
             sys.executable,
             "-m",
-            "shoal.engine.runner",
+            "shoal.runner",
             "--spec-json",
             spec.model_dump_json(),
         ],

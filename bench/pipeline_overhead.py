@@ -2,7 +2,7 @@
 pipeline over gloo on loopback.
 
 Rank 0 runs in this process (the executor the scheduler drives), rank 1 is a real runner
-process (`python -m shoal.engine.runner`). Every rank and the single-process baseline use the
+process (`python -m shoal.runner`). Every rank and the single-process baseline use the
 same torch thread count (default 1: the ranks take turns on the CPU, so the model work per
 step is the same and the difference is the protocol: one send per hop, decode activations
 inline with the step header, the last rank's tokens straight back to rank 0). Greedy decode
@@ -32,10 +32,11 @@ import torch
 
 from shoal.engine.distributed import join
 from shoal.engine.generator import LocalExecutor
-from shoal.engine.runner import RunnerSpec, build_executor, load_rank_model, rendezvous_of
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.sharding import even_layer_ranges
 from shoal.engine.weights import load_model, open_source
+from shoal.runner.build import build_executor, load_rank_model, rendezvous_of
+from shoal.runner.spec import RunnerSpec
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_overhead.json"
@@ -89,7 +90,7 @@ def start_pipeline(path: Path, world: int, threads: int, max_batch: int):  # noq
     env = {**os.environ, "SHOAL_TORCH_THREADS": str(threads), "SHOAL_LOG_LEVEL": "WARNING"}
     followers = [
         subprocess.Popen(
-            [sys.executable, "-m", "shoal.engine.runner", "--spec-json", s.model_dump_json()],
+            [sys.executable, "-m", "shoal.runner", "--spec-json", s.model_dump_json()],
             stdout=subprocess.DEVNULL,
             env=env,
         )

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from shoal.config import RunSettings
-from shoal.engine.serving import ServedModel
 from shoal.models.bundled import BUNDLED_MODEL_ID
 from shoal.node import Node
 
@@ -41,9 +40,12 @@ class LiveServer:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
-    @property
-    def model(self) -> ServedModel:
-        return self.node.models[BUNDLED_MODEL_ID]
+    def runner_status(self) -> dict:
+        """The bundled model's runner, as its endpoint's /status reports it (in flight, tokens,
+        steps, batched steps): the node relays to that runner process."""
+        url, why = self.node.endpoint(BUNDLED_MODEL_ID)
+        assert url is not None, why
+        return httpx.get(f"{url}/status", timeout=5).json()
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +59,7 @@ def server() -> Iterator[LiveServer]:
     )
     node = Node(settings)
     sock = node.bind()  # port 0: the OS picks a free port, no race with other processes
-    node.load()
+    node.start_runners()
     thread = threading.Thread(target=asyncio.run, args=(node.serve(sock),), daemon=True)
     thread.start()
     live = LiveServer(node, sock.getsockname()[1])

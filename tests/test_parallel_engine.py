@@ -1,7 +1,7 @@
 """Sharded instances against the single-process engine, on real processes and real gloo.
 
 Rank 0 runs in this process as the scheduler's executor; the other ranks are runner processes
-(`python -m shoal.engine.runner`) meeting it on 127.0.0.1. Pipelines of 2 and 3 ranks and
+(`python -m shoal.runner`) meeting it on 127.0.0.1. Pipelines of 2 and 3 ranks and
 tensor parallelism must give the single-process greedy tokens, logits within 1e-3 (fp32), each
 sequence's solo output while sequences share a batch and move between KV slots, and the
 single-process tokens of a seeded sampled sequence.
@@ -21,16 +21,12 @@ import torch
 from shoal.engine.distributed import PeerLostError, join
 from shoal.engine.generator import Generator, LocalExecutor
 from shoal.engine.lockstep import HeaderCodec, Op, PipelineExecutor, StepHeader, TensorExecutor
-from shoal.engine.runner import (
-    RunnerSpec,
-    build_executor,
-    load_rank_model,
-    rendezvous_of,
-)
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.sharding import ShardingError, even_layer_ranges, tensor_parallel_config
 from shoal.engine.tokenizer import Tokenizer
 from shoal.engine.weights import load_model, open_source
+from shoal.runner.build import build_executor, load_rank_model, rendezvous_of
+from shoal.runner.spec import RunnerSpec
 
 from engine_helpers import bundled_gguf, save_tiny_model
 from test_generator import QUESTIONS, prompt, run

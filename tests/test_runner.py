@@ -16,8 +16,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from shoal.engine.runner import RunnerSpec
 from shoal.engine.sharding import even_layer_ranges
+from shoal.runner.spec import RunnerSpec
 
 from engine_helpers import bundled_gguf
 
@@ -33,14 +33,14 @@ def free_port() -> int:
 
 
 class RunnerProcess:
-    """One `python -m shoal.engine.runner` process and the status lines it printed."""
+    """One `python -m shoal.runner` process and the status lines it printed."""
 
     def __init__(self, spec: RunnerSpec, log_dir: Path) -> None:
         self.spec = spec
         self.log = log_dir / f"{spec.instance_id}-rank{spec.rank}.log"
         env = {**os.environ, "SHOAL_TORCH_THREADS": "1", "SHOAL_LOG_LEVEL": "WARNING"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal.engine.runner", "--spec-json", spec.model_dump_json()],
+            [sys.executable, "-m", "shoal.runner", "--spec-json", spec.model_dump_json()],
             stdout=subprocess.PIPE,
             stderr=self.log.open("w"),
             text=True,

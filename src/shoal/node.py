@@ -1,4 +1,4 @@
-"""Composition root of one machine: load the model, warm it up, serve the API."""
+"""Composition root of one machine: build every part complete, start its runners, serve the API."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import uvicorn
 
 from shoal import __version__
 from shoal.api.app import create_app
+from shoal.api.router import Router, ServedCard
 from shoal.cluster.discovery import (
     DuplicateNode,
     local_addresses,
@@ -35,12 +36,13 @@ from shoal.cluster.service import ClusterService, ClusterSettings
 from shoal.cluster.view import Timing
 from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError
 from shoal.control import Controller
-from shoal.engine.serving import ServedModel, pick_device
+from shoal.engine.serving import pick_device
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 from shoal.models.cards import CardError, cards_digest, load_cards
 from shoal.models.library import Library
 from shoal.models.store import ModelStore, parse_dirs
-from shoal.schema.report import AutoPlace, HeldModel
+from shoal.placement.plan import solo_instance
+from shoal.schema.report import AutoPlace, ClusterPlan, HeldModel, InstanceSpec, RunnerState
 from shoal.schema.thresholds import parse_bounds
 from shoal.worker import Worker, WorkerSettings
 
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 # In-flight generations are ended with an error at shutdown; this bounds the wait for their
 # clients to read that error before connections are dropped.
 GRACEFUL_SHUTDOWN_S = 5
+STARTUP_TIMEOUT_S = 900.0  # a model loads and warms up within this, or the start fails
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,6 @@ class Node:
         self.device = pick_device(settings.device)
         self.library = self._library()
         self.held = self.library.models  # updated in place when a download completes
-        self._models: dict[str, ServedModel] = {}
-        self._ready = False
-        self._not_ready_reason = "the node is starting"
         self._server: _Server | None = None
         self.identity = load_identity(settings.paths.data, settings.node_name)
         cards = ("cards", cards_digest(self.library.cards))
@@ -109,6 +109,7 @@ class Node:
         self.cluster: ClusterService | None = None
         self.controller: Controller | None = None
         self.events = EventLog(settings.paths.data, self.identity.boot_id)
+        self.solo = self._solo_instances()
         self.worker = Worker(
             self.identity.node_id,
             self.held,
@@ -119,12 +120,26 @@ class Node:
                 max_seq_len=settings.max_seq_len,
                 tokenizer_cache=settings.paths.tokenizer_cache,
             ),
+            solo=tuple(self.solo.values()),
         )
+        self.router = Router(self.solo, self.worker.states, settings.host, lambda: self.controller)
         self.app = create_app(self)
 
+    def _solo_instances(self) -> dict[str, InstanceSpec]:
+        """The model this node serves alone (--model without --min-nodes > 1)."""
+        choice = self.choice
+        if choice is None or self.settings.min_nodes > 1:  # placed across nodes, not here
+            return {}
+        held = self.held[choice.id].held
+        instance = solo_instance(self.identity.node_id, held)
+        return {choice.id: instance.model_copy(update={"created_at": time.time()})}
+
     @property
-    def models(self) -> Mapping[str, ServedModel]:
-        return self._models
+    def models(self) -> Mapping[str, ServedCard]:
+        return self.router.models()
+
+    def endpoint(self, model_id: str) -> tuple[str | None, str]:
+        return self.router.endpoint(model_id)
 
     def _library(self) -> Library:
         s, choice = self.settings, self.choice
@@ -152,11 +167,12 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self.router.readiness()[0]
 
     @property
     def not_ready_reason(self) -> str:
-        return self._not_ready_reason
+        ready, why = self.router.readiness()
+        return "" if ready else why
 
     def bind(self) -> socket.socket:
         """Claim the API port before the slow model load, so a busy port fails at once."""
@@ -186,40 +202,25 @@ class Node:
             ) from None
         return sock
 
-    def load(self) -> None:
-        choice = self.choice
-        if choice is None or self.settings.min_nodes > 1:  # placed across nodes, not here
-            return
-        device = self.device
-        if device == "cuda" and not torch.cuda.is_available():
+    def start_runners(self) -> None:
+        """Start the solo runners now: they load while the API and the cluster come up."""
+        if self.solo and self.device == "cuda" and not torch.cuda.is_available():
             raise StartupError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
-        self._not_ready_reason = f"loading {choice.id}"
-        try:
-            model = ServedModel.load(
-                choice.id,
-                choice.path,
-                device=device,
-                max_batch=self.settings.max_batch,
-                max_seq_len=self.settings.max_seq_len,
-                tokenizer_cache=self.settings.paths.tokenizer_cache,
-            )
-        except Exception as exc:  # whatever the file's problem, the user gets one line
-            raise _cannot_load(choice.path, exc) from None
-        self._models[choice.id] = model
+        self.worker.reconcile(ClusterPlan())
 
-    def warm_up(self) -> bool:
-        """One real generation per model; the node reports healthy only after all succeed."""
-        for model in self._models.values():
-            self._not_ready_reason = f"warming up {model.id}"
-            try:
-                result = model.warm_up()
-            except Exception as exc:
-                self._not_ready_reason = f"the warm-up generation of {model.id} failed: {exc}"
-                log.error("%s", self._not_ready_reason)
-                return False
-            log.info("warm-up of %s: %r in %.2fs", model.id, result.text, result.seconds)
-        self._ready = True
-        return True
+    def wait_until_served(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Block until every solo runner passed its warm-up; a runner that fails to load or
+        warm up ends the start with one line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, why = self.router.readiness()
+            if ready:
+                return
+            failed = [s for s in self.worker.states() if s.status in ("failed", "stopped")]
+            if failed:
+                raise _cannot_load(self.choice.path if self.choice else "the model", failed[0])
+            time.sleep(0.05)
+        raise StartupError(f"the model did not become ready in {timeout:.0f} s: {why}")
 
     async def serve(self, sock: socket.socket, on_ready: Callable[[], None] | None = None) -> None:
         """Serve on a bound socket until stopped; warm up once the API answers (health 503)."""
@@ -257,8 +258,15 @@ class Node:
                     "machine? Stop the other one, or delete node.json here for a new id"
                 ) from None
         try:
-            if self._server.started and await asyncio.to_thread(self.warm_up) and on_ready:
-                on_ready()
+            if self._server.started:
+                try:
+                    await asyncio.to_thread(self.wait_until_served)
+                except StartupError:
+                    self._server.should_exit = True
+                    await serving
+                    raise
+                if on_ready:
+                    on_ready()
             await serving
         finally:
             await asyncio.to_thread(self.worker.stop_all)  # runners end before we say goodbye
@@ -286,16 +294,20 @@ class Node:
         self._end_generations()
 
     def close(self) -> None:
-        for model in self._models.values():
-            model.close()
+        self.worker.stop_all()
 
     def _end_generations(self) -> None:
-        # Stopping a generator ends its in-flight requests with a clear error, so shutdown
-        # never waits on a long generation. Joining its thread can take a step: not here.
+        # Stopping the runners ends their in-flight requests with a clear error, so shutdown
+        # never waits on a long generation; the relayed streams end with that error.
         threading.Thread(target=self.close, name="shoal-shutdown", daemon=True).start()
 
 
-def _cannot_load(what: Path | str, exc: Exception) -> StartupError:
+def _cannot_load(what: Path | str, exc: Exception | RunnerState) -> StartupError:
+    if isinstance(exc, RunnerState):  # the runner said why in its status
+        return StartupError(
+            f"cannot load {what}: {exc.reason or exc.status}; pass --model a Llama-family GGUF "
+            "file or Hugging Face model directory (--log-level debug shows the runner's log)"
+        )
     log.debug("loading %s failed", what, exc_info=exc)
     return StartupError(
         f"cannot load {what}: {type(exc).__name__}: {exc}; pass --model a Llama-family GGUF "
@@ -356,7 +368,7 @@ def run(settings: RunSettings) -> None:
     node = Node(settings)
     sock = node.bind()
     try:
-        node.load()
+        node.start_runners()
         port = sock.getsockname()[1]
 
         def announce() -> None:
@@ -399,17 +411,18 @@ def _lan_ipv4() -> list[str]:
 def startup_banner(node: Node, port: int, seconds: float) -> str:
     urls = api_urls(node.settings.host, port)
     lines = [f"shoal {__version__} ready in {seconds:.1f} s (since process start)"]
-    for model in node.models.values():
+    models = node.models
+    for model in models.values():
         lines.append(
             f"  model  {model.id} (context {model.context_length} tokens, "
-            f"{model.generator.device}, batch {model.generator.max_batch})"
+            f"{node.device}, batch {node.settings.max_batch})"
         )
     lines += [f"  API    {urls[0]}", *(f"         {url}" for url in urls[1:])]
-    if not node.models:
+    if not models:
         lines.append("  no model served (--model none): nothing to chat with yet")
         return "\n".join(lines)
     body = {
-        "model": next(iter(node.models)),
+        "model": next(iter(models)),
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
     }
     lines.append(

@@ -1,14 +1,15 @@
-"""This node's runners: one subprocess per (instance, rank) the adopted plan puts here.
+"""This node's runners: one subprocess per (instance, rank) placed here.
 
-`reconcile(plan)` starts the runners the plan wants and stops the ones it no longer does; the
-runners' status lines (see shoal.engine.runner) become the RunnerState this node reports.
-A runner that fails stays failed with its reason until the plan drops it.
+Every served model is an instance: the ones the leader's plan places, and this node's solo
+instances (a model it serves alone, a 1-rank instance). `reconcile(plan)` starts the runners
+they want and stops the ones no longer wanted; the runners' status lines (shoal.runner.spec)
+become the RunnerState this node reports. A runner that fails stays failed with its reason
+until its instance is dropped.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import signal
 import subprocess
@@ -18,9 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.engine.runner import TOKENS_EVERY_S, RunnerSpec
 from shoal.models.local import LocalModel
 from shoal.placement.plan import desired_runners
+from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine
 from shoal.schema.report import ClusterPlan, InstanceSpec, RunnerState
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class _Runner:
             log_dir.mkdir(parents=True, exist_ok=True)
             stderr = (log_dir / f"{runner_id}.log").open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal.engine.runner", "--spec-json", spec.model_dump_json()],
+            [sys.executable, "-m", "shoal.runner", "--spec-json", spec.model_dump_json()],
             stdout=subprocess.PIPE,
             stderr=stderr,
             stdin=subprocess.DEVNULL,
@@ -87,23 +88,23 @@ class _Runner:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             try:
-                line = json.loads(raw)
-                status = str(line["status"])
-            except (ValueError, KeyError, TypeError):
+                line = StatusLine.model_validate_json(raw)
+            except ValueError:
                 log.debug("runner %s: %s", self.state.runner_id, raw.decode(errors="replace"))
                 continue
-            port, tokens = line.get("port"), line.get("tokens")
-            changes: dict[str, object] = {"status": status, "reason": line.get("reason")}
-            if isinstance(port, int):
-                changes["port"] = port
-            if isinstance(tokens, int):
-                changes.update(self._rate(tokens))
+            changes: dict[str, object] = {"status": line.status, "reason": line.reason}
+            if line.port is not None:
+                changes["port"] = line.port
+            if line.context_length is not None:
+                changes["context_length"] = line.context_length
+            if line.tokens is not None:
+                changes.update(self._rate(line.tokens))
             self._update(**changes)
             log.info(
                 "runner %s: %s%s",
                 self.state.runner_id,
-                status,
-                f" ({line['reason']})" if line.get("reason") else "",
+                line.status,
+                f" ({line.reason})" if line.reason else "",
             )
         code = self.proc.wait()
         if self.state.status not in ENDED:  # died without saying why
@@ -133,11 +134,16 @@ class _Runner:
 
 class Worker:
     def __init__(
-        self, node_id: str, models: dict[str, LocalModel], settings: WorkerSettings
+        self,
+        node_id: str,
+        models: dict[str, LocalModel],
+        settings: WorkerSettings,
+        solo: tuple[InstanceSpec, ...] = (),
     ) -> None:
         self.node_id = node_id
         self.models = models
         self.settings = settings
+        self.solo = solo  # the models this node serves alone, as 1-rank instances
         self._runners: dict[str, _Runner] = {}
         self._missing: dict[str, RunnerState] = {}  # runners we cannot start, and why
         self._lock = threading.Lock()
@@ -149,7 +155,7 @@ class Worker:
 
     def reconcile(self, plan: ClusterPlan) -> None:
         """Start what the plan wants here, stop what it no longer wants (stops run in threads)."""
-        wanted = desired_runners(plan, self.node_id)
+        wanted = desired_runners(plan, self.node_id, self.solo)
         with self._lock:
             gone = [self._runners.pop(rid) for rid in list(self._runners) if rid not in wanted]
             for rid in [r for r in self._missing if r not in wanted]:

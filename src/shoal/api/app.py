@@ -7,8 +7,8 @@ from fastapi.responses import JSONResponse
 
 from shoal import __version__
 from shoal.api import cluster, dashboard, instances, metrics, models, openai
-from shoal.api.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected
 from shoal.api.host import ModelHost
+from shoal.web.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected
 
 
 def create_app(host: ModelHost) -> FastAPI:

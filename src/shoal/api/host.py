@@ -5,29 +5,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
+from shoal.api.router import ServedCard
 from shoal.cluster.service import ClusterService
-from shoal.engine.serving import ServedModel
 from shoal.schema.report import HeldModel
 
-if TYPE_CHECKING:  # the controller imports the worker, which imports the runner, which the API
+if TYPE_CHECKING:
     from shoal.control import Controller
     from shoal.models.library import Library
 
 
 class ModelHost(Protocol):
     @property
-    def models(self) -> Mapping[str, ServedModel]:
-        """The models served here, by the id clients use."""
+    def models(self) -> Mapping[str, ServedCard]:
+        """The models served here or across nodes, by the id clients use (the router's)."""
+        ...
+
+    def endpoint(self, model_id: str) -> tuple[str | None, str]:
+        """The base URL of the rank 0 serving a model, or why there is none (the router's)."""
         ...
 
     @property
     def ready(self) -> bool:
-        """True once every served model has completed its warm-up generation."""
+        """True once every model this node serves alone has completed its warm-up."""
         ...
 
     @property
     def not_ready_reason(self) -> str:
-        """Why the node is not ready (loading, warming up, or the warm-up error)."""
+        """Why the node is not ready (loading, warming up, or the runner's failure)."""
         ...
 
     @property
@@ -37,15 +41,15 @@ class ModelHost(Protocol):
 
 
 def controller_of(host: object) -> Controller | None:
-    """A node's instances across nodes; a runner's rank-0 endpoint serves its one model only."""
+    """The node's instances across nodes, once its cluster is up."""
     return getattr(host, "controller", None)
 
 
 def held_models_of(host: object) -> Mapping[str, HeldModel]:
-    """The models on this node's disk (`?status=downloaded`); none behind a runner."""
+    """The models on this node's disk (`?status=downloaded`)."""
     return getattr(host, "held_models", {})
 
 
 def library_of(host: object) -> Library | None:
-    """A node's model store, cards and downloads; a runner's endpoint has none."""
+    """A node's model store, cards and downloads."""
     return getattr(host, "library", None)

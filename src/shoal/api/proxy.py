@@ -1,4 +1,4 @@
-"""Requests for a model placed as an instance go to its rank-0 runner's endpoint.
+"""Requests for a model go to the rank-0 runner's endpoint of an instance serving it.
 
 Tokens stream from the rank-0 node straight to the node holding the HTTP request (the leader
 is not on the path). The body is passed through byte for byte, so the runner's own
@@ -13,15 +13,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import httpx
 from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from shoal.api.errors import ApiError
-from shoal.api.sse import DONE, sse
-from shoal.control import Controller
+from shoal.web.errors import ApiError
+from shoal.web.sse import DONE, sse
+
+
+class Routes(Protocol):
+    def endpoint(self, model_id: str) -> tuple[str | None, str]:
+        """The base URL of the rank 0 serving a model, or why there is none."""
+        ...
 
 READY_WAIT_S = 60.0  # a request for an instance still loading waits this long for it
 MOVE_WAIT_S = 5.0  # a refused request watches this long for its instance serving elsewhere
@@ -29,11 +35,11 @@ MAX_MOVES = 3  # moves one request follows before it gives the client the refusa
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
-async def endpoint_for(controller: Controller, model_id: str) -> str:
+async def endpoint_for(routes: Routes, model_id: str) -> str:
     """The serving instance's base URL, waiting (bounded) while one is still coming up."""
     deadline = time.monotonic() + READY_WAIT_S
     while True:
-        url, why = controller.endpoint(model_id)
+        url, why = routes.endpoint(model_id)
         if url is not None:
             return url
         if time.monotonic() >= deadline:
@@ -48,28 +54,28 @@ async def endpoint_for(controller: Controller, model_id: str) -> str:
 
 
 async def to_instance(
-    request: Request, controller: Controller, model_id: str, path: str
+    request: Request, routes: Routes, model_id: str, path: str
 ) -> Response:
     """The answer of the model's serving instance, following it when it moves mid-request to
     a new rank 0 that is already serving (never waiting out a new generation's load)."""
-    base_url = await endpoint_for(controller, model_id)
+    base_url = await endpoint_for(routes, model_id)
     for _ in range(MAX_MOVES):
         answer = await forward(request, base_url, path)
         if not isinstance(answer, Refused):
             return answer
-        moved_to = await _serving_elsewhere(controller, model_id, base_url)
+        moved_to = await _serving_elsewhere(routes, model_id, base_url)
         if moved_to is None:
             break
         base_url = moved_to
     return answer.response()
 
 
-async def _serving_elsewhere(controller: Controller, model_id: str, base_url: str) -> str | None:
+async def _serving_elsewhere(routes: Routes, model_id: str, base_url: str) -> str | None:
     """Another endpoint this node's view names as serving the model within MOVE_WAIT_S (the
     leader's new plan reaches a follower about a poll later), or None."""
     deadline = time.monotonic() + MOVE_WAIT_S
     while time.monotonic() < deadline:
-        url = controller.endpoint(model_id)[0]
+        url = routes.endpoint(model_id)[0]
         if url is not None and url != base_url:
             return url
         await asyncio.sleep(0.25)

@@ -194,7 +194,7 @@ class Generator:
         self._ids = itertools.count(1)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="shoal-generator", daemon=True)
-        self.stats = {"steps": 0, "max_batch_seen": 0, "tokens": 0}
+        self.stats = {"steps": 0, "max_batch_seen": 0, "batched_steps": 0, "tokens": 0}
 
     # -- public API (any thread) ------------------------------------------------------------
 
@@ -311,6 +311,7 @@ class Generator:
         self._accept(batch, chosen)
         self.stats["steps"] += 1
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+        self.stats["batched_steps"] += len(batch) > 1  # steps that served several requests
 
     def _prefill(self, seq: Sequence) -> None:
         seq.slot = len(self._active)

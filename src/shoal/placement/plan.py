@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from shoal.placement.planner import CandidateReason, ModelSpec, Placement, PlacementRequest
+from shoal.schema.reasons import reason
 from shoal.schema.report import (
     AutoPlace,
     ClusterPlan,
@@ -94,6 +95,26 @@ def find_instance(plan: ClusterPlan, instance_id: str) -> InstanceSpec | None:
     return next((i for i in plan.instances if i.instance_id == instance_id), None)
 
 
+SOLO_META = "SoloInstance"
+
+
+def solo_instance(node_id: str, held: HeldModel) -> InstanceSpec:
+    """A model this node serves alone: a 1-rank instance like any other, run by the same runner.
+    The node owns it (no leader decides where a node's own --model runs), so its id is derived
+    from the node and the model and stays the same across restarts."""
+    digest = hashlib.sha256(f"{node_id}/{held.model_id}".encode()).hexdigest()[:12]
+    return InstanceSpec(
+        instance_id=f"solo-{digest}",
+        model_id=held.model_id,
+        meta=SOLO_META,
+        nodes=(node_id,),
+        layer_ranges=((0, held.num_layers),),
+        store_address="127.0.0.1",
+        rank_interfaces=(None,),
+        reason="served by this node alone",
+    )
+
+
 def runner_id(instance_id: str, rank: int, generation: int = 0) -> str:
     """A new generation of an instance gets new runners (the old ones are stopped)."""
     return f"{instance_id}-g{generation}-r{rank}"
@@ -103,11 +124,14 @@ def runner_of(instance: InstanceSpec, rank: int) -> str:
     return runner_id(instance.instance_id, rank, instance.generation)
 
 
-def desired_runners(plan: ClusterPlan, node_id: str) -> dict[str, tuple[InstanceSpec, int]]:
-    """runner id -> (instance, rank) for every rank the plan puts on this node."""
+def desired_runners(
+    plan: ClusterPlan, node_id: str, solo: Iterable[InstanceSpec] = ()
+) -> dict[str, tuple[InstanceSpec, int]]:
+    """runner id -> (instance, rank) for every rank the plan and this node's solo instances
+    put on this node."""
     return {
         runner_of(i, rank): (i, rank)
-        for i in plan.instances
+        for i in (*plan.instances, *solo)
         for rank, node in enumerate(i.nodes)
         if node == node_id
     }
@@ -150,8 +174,8 @@ def files_agree(held: Mapping[str, HeldModel]) -> tuple[set[str], list[Candidate
     reasons = [
         CandidateReason(
             (n,),
-            f"node {n}'s files of {m.model_id} differ from {len(allowed)} other node(s) "
-            f"(digest {m.files_digest} vs {majority}): run `shoal audit {m.model_id}`",
+            reason("files_differ", nodes=(n,), model=m.model_id, agreeing=len(allowed),
+                   digest=m.files_digest, majority=majority),  # fmt: skip
         )
         for n, m in sorted(held.items())
         if n not in allowed

@@ -206,6 +206,7 @@ class RunnerState(Model):
     since: float = 0.0
     tokens: int = 0  # rank 0: tokens generated so far
     tok_s: float | None = None  # rank 0: recent generation rate
+    context_length: int | None = None  # rank 0, once ready: the longest sequence it serves
 
 
 class DownloadState(Model):

@@ -1,18 +1,13 @@
-"""One rank of one instance, in its own process: `python -m shoal.engine.runner --spec-json J`.
+"""One rank of one instance, in its own process: `python -m shoal.runner --spec-json J`.
 
-Contract with the node's worker (shoal.worker):
-- The spec (RunnerSpec, JSON) says which model shard this rank holds and how to meet the others.
-- Status goes to stdout, one JSON object per line: {"status": S, "reason": str|null,
-  "port": int|null}; S walks connecting -> loading -> warming -> ready <-> running, or ends in
-  failed (reason says why, exit code 1) or stopped (clean SIGTERM, exit code 0). Rank 0 puts
-  the port of its OpenAI endpoint (/v1/chat/completions, /v1/completions, /v1/models, /health)
-  in its "ready" line. Logs go to stderr.
+The contract with the node's worker is shoal.runner.spec (the spec in, status lines out). A
+1-rank instance (a model a node serves alone) needs no process group: it loads, warms up and
+serves. Rank 0 of any instance serves shoal.runner.endpoint on its own port.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -20,141 +15,34 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Literal, TextIO
+from typing import TextIO
 
 import torch
 import uvicorn
-from pydantic import BaseModel, ConfigDict
 
 from shoal.engine.config import ModelConfig
-from shoal.engine.distributed import InitError, PeerLostError, Peers, Rendezvous, join
-from shoal.engine.generator import Executor, Generator, LocalExecutor, context_length
-from shoal.engine.lockstep import Follower, PipelineExecutor, TensorExecutor
+from shoal.engine.distributed import InitError, PeerLostError, Peers, join
+from shoal.engine.generator import Executor, Generator
+from shoal.engine.lockstep import Follower
 from shoal.engine.model import Transformer
 from shoal.engine.serving import ServedModel
-from shoal.engine.sharding import load_tensor_shard, tensor_parallel_config
 from shoal.engine.tokenizer import Tokenizer
-from shoal.engine.weights import WeightSource, load_model, open_source, release_freed_memory
+from shoal.engine.weights import open_source, release_freed_memory
+from shoal.runner.build import (
+    build_executor,
+    build_follower,
+    check_spec,
+    load_rank_model,
+    rendezvous_of,
+)
+from shoal.runner.endpoint import Readiness, create_endpoint
+from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine
 
 log = logging.getLogger("shoal.runner")
 
 THREADS_ENV = "SHOAL_TORCH_THREADS"  # torch threads per rank (several ranks may share a host)
-
-
-class RunnerSpec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    instance_id: str
-    model_id: str
-    model_path: str
-    sharding: Literal["pipeline", "tensor"] = "pipeline"
-    backend: Literal["gloo", "nccl"] = "gloo"
-    rank: int
-    world_size: int
-    layer_range: tuple[int, int]  # [start, end); tensor parallel: every layer
-    store_host: str  # rank 0's address every rank dials (TCPStore)
-    store_port: int
-    ifname: str | None = None  # GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME for this rank
-    device: str = "cpu"
-    max_batch: int = 4
-    max_seq_len: int | None = None
-    serve_host: str = "127.0.0.1"  # rank 0: where its OpenAI endpoint listens
-    serve_port: int = 0  # 0: any free port, reported in the "ready" line
-    tokenizer_cache: str | None = None
-    init_attempts: int = 8  # init_process_group tries, with backoff, over ~init_window_s
-    init_window_s: float = 30.0
-    step_timeout_s: float = 30.0  # a collective that takes longer fails the step
-    heartbeat_s: float = 2.0  # rank 0 pings the other ranks this often when idle
-
-
-# -- building one rank ------------------------------------------------------------------------
-
 LOAD_TIMEOUT_S = 900.0  # every rank holds its shard within this, or the instance fails
-TOKENS_EVERY_S = 2.0  # rank 0 reports its token count this often while generating
 IDLE_DEBOUNCE_S = 0.5  # rank 0 reports "ready" again after this long without requests
-
-
-def rendezvous_of(spec: RunnerSpec) -> Rendezvous:
-    return Rendezvous(
-        rank=spec.rank,
-        world_size=spec.world_size,
-        store_host=spec.store_host,
-        store_port=spec.store_port,
-        backend=spec.backend,
-        ifname=spec.ifname,
-        attempts=spec.init_attempts,
-        window_s=spec.init_window_s,
-        step_timeout_s=spec.step_timeout_s,
-    )
-
-
-def check_spec(spec: RunnerSpec, config: ModelConfig) -> None:
-    """Refuse a spec this rank cannot take part in, before any weights are read."""
-    start, end = spec.layer_range
-    last = spec.rank == spec.world_size - 1
-    if not 0 <= spec.rank < spec.world_size:
-        raise ValueError(f"rank {spec.rank} is outside world size {spec.world_size}")
-    if spec.heartbeat_s >= spec.step_timeout_s:
-        raise ValueError("heartbeat_s must be shorter than step_timeout_s")
-    if spec.sharding == "tensor":
-        if (start, end) != (0, config.num_layers):
-            raise ValueError(
-                f"tensor parallel ranks hold every layer: layer_range must be "
-                f"(0, {config.num_layers}), not {spec.layer_range}"
-            )
-        tensor_parallel_config(config, spec.world_size)  # raises ShardingError
-        return
-    if spec.world_size > 1 and (
-        (spec.rank == 0) != (start == 0) or last != (end == config.num_layers)
-    ):
-        raise ValueError(
-            f"pipeline rank {spec.rank} of {spec.world_size} holds stage {spec.rank}: layers "
-            f"{spec.layer_range} do not fit (the model has {config.num_layers} layers; rank 0 "
-            "starts at layer 0 and the last rank ends with the last layer)"
-        )
-
-
-def load_rank_model(spec: RunnerSpec, source: WeightSource) -> Transformer:
-    """This rank's part of the model, and nothing more: its layers or its slices."""
-    check_spec(spec, source.config)
-    if spec.sharding == "tensor":
-        return load_tensor_shard(
-            spec.model_path, spec.rank, spec.world_size, spec.device, source=source
-        )
-    return load_model(spec.model_path, tuple(spec.layer_range), spec.device, source=source)
-
-
-def build_executor(
-    spec: RunnerSpec, peers: Peers, model: Transformer, config: ModelConfig
-) -> Executor:
-    """Rank 0's executor, for the scheduler."""
-    max_seq_len = context_length(config, spec.max_seq_len)
-    if spec.world_size == 1:
-        return LocalExecutor(model, spec.max_batch, max_seq_len)
-    kind = TensorExecutor if spec.sharding == "tensor" else PipelineExecutor
-    return kind(
-        model,
-        peers,
-        config,
-        max_batch=spec.max_batch,
-        max_seq_len=max_seq_len,
-        heartbeat_s=spec.heartbeat_s,
-    )
-
-
-def build_follower(
-    spec: RunnerSpec, peers: Peers, model: Transformer, config: ModelConfig
-) -> Follower:
-    return Follower(
-        model,
-        peers,
-        config,
-        spec.sharding,
-        max_batch=spec.max_batch,
-        max_seq_len=context_length(config, spec.max_seq_len),
-        stop_grace_s=spec.heartbeat_s + 1.0,
-    )
 
 
 # -- the process --------------------------------------------------------------------------------
@@ -174,27 +62,15 @@ class StatusWriter:
         reason: str | None = None,
         port: int | None = None,
         tokens: int | None = None,
+        context_length: int | None = None,
     ) -> None:
+        line = StatusLine(
+            status=status, reason=reason, port=port, tokens=tokens, context_length=context_length
+        )
         with self._lock:
             self.current = status
-            fields = {"status": status, "reason": reason, "port": port}
-            line = json.dumps(fields if tokens is None else {**fields, "tokens": tokens})
-            self.stream.write(line + "\n")
+            self.stream.write(line.model_dump_json(exclude_none=True) + "\n")
             self.stream.flush()
-
-
-@dataclass
-class RunnerHost:
-    """What the API app needs (ModelHost) from a runner's rank 0."""
-
-    served: ServedModel
-    ready: bool = False
-    not_ready_reason: str = "warming up"
-    cluster: None = None
-
-    @property
-    def models(self) -> dict[str, ServedModel]:
-        return {self.served.id: self.served}
 
 
 class Runner:
@@ -220,14 +96,16 @@ class Runner:
             self.status("connecting")
             source = open_source(spec.model_path)  # metadata only: refuse a bad spec early
             check_spec(spec, source.config)
-            self.peers = join(rendezvous_of(spec))
+            if spec.world_size > 1:  # a model served alone meets nobody
+                self.peers = join(rendezvous_of(spec))
             self.status("loading")
             model = load_rank_model(spec, source)
             tokenizer = (
                 Tokenizer.load(spec.model_path, spec.tokenizer_cache) if spec.rank == 0 else None
             )
             release_freed_memory()
-            self.peers.wait_until_all_loaded(LOAD_TIMEOUT_S)
+            if self.peers is not None:
+                self.peers.wait_until_all_loaded(LOAD_TIMEOUT_S)
             self.status("warming")
             self.serving = True
             if self.stopping.is_set():
@@ -264,8 +142,6 @@ class Runner:
         return self._stopped()
 
     def _serve(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer) -> int:
-        from shoal.api.app import create_app  # the API imports this module (RunnerSpec)
-
         spec = self.spec
         sock = bind_socket(spec.serve_host, spec.serve_port)
         port = sock.getsockname()[1]
@@ -273,9 +149,14 @@ class Runner:
         generator = Generator(executor, tokenizer)
         generator.start()
         served = ServedModel(spec.model_id, tokenizer, generator)
-        host = RunnerHost(served)
+        readiness = Readiness(reason=f"warming up {spec.model_id}")
         server = uvicorn.Server(
-            uvicorn.Config(create_app(host), log_level="warning", lifespan="off", access_log=False)
+            uvicorn.Config(
+                create_endpoint(served, readiness),
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+            )
         )
         threading.Thread(
             target=server.run, kwargs={"sockets": [sock]}, name="shoal-api", daemon=True
@@ -288,12 +169,12 @@ class Runner:
                 result.text,
                 result.seconds,
             )
-            host.ready = True
-            self.status("ready", port=port)
+            readiness.ready = True
+            self.status("ready", port=port, context_length=served.context_length)
             failure = self._watch(generator, executor, port)
         finally:
-            host.ready = False
-            host.not_ready_reason = "the instance is stopping"
+            readiness.ready = False
+            readiness.reason = "the instance is stopping"
             server.should_exit = True
             scheduler_ended = generator.stop()
         if failure is not None:
@@ -347,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     # Status lines own the real stdout; anything else printing to stdout lands on stderr.
     status = StatusWriter(os.fdopen(os.dup(1), "w", buffering=1))
     os.dup2(2, 1)
-    parser = argparse.ArgumentParser(prog="python -m shoal.engine.runner")
+    parser = argparse.ArgumentParser(prog="python -m shoal.runner")
     parser.add_argument("--spec-json", required=True, help="a RunnerSpec as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(

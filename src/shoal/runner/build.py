@@ -1,0 +1,96 @@
+"""Building one rank: its rendezvous, its part of the model, and the executor that drives it."""
+
+from __future__ import annotations
+
+from shoal.engine.config import ModelConfig
+from shoal.engine.distributed import Peers, Rendezvous
+from shoal.engine.generator import Executor, LocalExecutor, context_length
+from shoal.engine.lockstep import Follower, PipelineExecutor, TensorExecutor
+from shoal.engine.model import Transformer
+from shoal.engine.sharding import load_tensor_shard, tensor_parallel_config
+from shoal.engine.weights import WeightSource, load_model
+from shoal.runner.spec import RunnerSpec
+
+
+def rendezvous_of(spec: RunnerSpec) -> Rendezvous:
+    return Rendezvous(
+        rank=spec.rank,
+        world_size=spec.world_size,
+        store_host=spec.store_host,
+        store_port=spec.store_port,
+        backend=spec.backend,
+        ifname=spec.ifname,
+        attempts=spec.init_attempts,
+        window_s=spec.init_window_s,
+        step_timeout_s=spec.step_timeout_s,
+    )
+
+
+def check_spec(spec: RunnerSpec, config: ModelConfig) -> None:
+    """Refuse a spec this rank cannot take part in, before any weights are read."""
+    start, end = spec.layer_range
+    last = spec.rank == spec.world_size - 1
+    if not 0 <= spec.rank < spec.world_size:
+        raise ValueError(f"rank {spec.rank} is outside world size {spec.world_size}")
+    if spec.heartbeat_s >= spec.step_timeout_s:
+        raise ValueError("heartbeat_s must be shorter than step_timeout_s")
+    if spec.sharding == "tensor":
+        if (start, end) != (0, config.num_layers):
+            raise ValueError(
+                f"tensor parallel ranks hold every layer: layer_range must be "
+                f"(0, {config.num_layers}), not {spec.layer_range}"
+            )
+        tensor_parallel_config(config, spec.world_size)  # raises ShardingError
+        return
+    if spec.world_size > 1 and (
+        (spec.rank == 0) != (start == 0) or last != (end == config.num_layers)
+    ):
+        raise ValueError(
+            f"pipeline rank {spec.rank} of {spec.world_size} holds stage {spec.rank}: layers "
+            f"{spec.layer_range} do not fit (the model has {config.num_layers} layers; rank 0 "
+            "starts at layer 0 and the last rank ends with the last layer)"
+        )
+
+
+def load_rank_model(spec: RunnerSpec, source: WeightSource) -> Transformer:
+    """This rank's part of the model, and nothing more: its layers or its slices."""
+    check_spec(spec, source.config)
+    if spec.sharding == "tensor":
+        return load_tensor_shard(
+            spec.model_path, spec.rank, spec.world_size, spec.device, source=source
+        )
+    return load_model(spec.model_path, tuple(spec.layer_range), spec.device, source=source)
+
+
+def build_executor(
+    spec: RunnerSpec, peers: Peers, model: Transformer, config: ModelConfig
+) -> Executor:
+    """Rank 0's executor, for the scheduler."""
+    max_seq_len = context_length(config, spec.max_seq_len)
+    if spec.world_size == 1:
+        return LocalExecutor(model, spec.max_batch, max_seq_len)
+    kind = TensorExecutor if spec.sharding == "tensor" else PipelineExecutor
+    return kind(
+        model,
+        peers,
+        config,
+        max_batch=spec.max_batch,
+        max_seq_len=max_seq_len,
+        heartbeat_s=spec.heartbeat_s,
+    )
+
+
+def build_follower(
+    spec: RunnerSpec, peers: Peers, model: Transformer, config: ModelConfig
+) -> Follower:
+    return Follower(
+        model,
+        peers,
+        config,
+        spec.sharding,
+        max_batch=spec.max_batch,
+        max_seq_len=context_length(config, spec.max_seq_len),
+        stop_grace_s=spec.heartbeat_s + 1.0,
+    )
+
+

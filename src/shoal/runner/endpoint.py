@@ -1,0 +1,301 @@
+"""A rank 0's generation endpoint: the OpenAI routes that run a request on this instance.
+
+Only what the node's router relays here: /v1/chat/completions, /v1/completions, /v1/models,
+/health (200 once the warm-up generation passed) and /status. Validation that needs the model
+(chat template, context length, sampling) happens here, so its 4xx bodies reach the client
+unchanged through the relay. The node's API (shoal.api) holds everything else.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from shoal import __version__
+from shoal.engine.generator import ContextLengthError, Event
+from shoal.engine.sampling import SamplingParams
+from shoal.engine.serving import ServedModel
+from shoal.schema.openai import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    ModelList,
+    Sampling,
+    Usage,
+)
+from shoal.web.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected, invalid_request
+from shoal.web.sse import DONE, EventStream, sse
+
+router = APIRouter(prefix="/v1")
+
+SYSTEM_FINGERPRINT = f"shoal-{__version__}"
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy /v1/completions
+
+
+@dataclass(frozen=True)
+class Job:
+    """One admitted generation request."""
+
+    model: ServedModel
+    prompt: list[int]
+    params: SamplingParams
+    name: str  # the model id as the client asked for it, echoed in every response
+    id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def envelope(self) -> dict[str, Any]:
+        """The fields every response and chunk of this request carries."""
+        return dict(
+            id=self.id,
+            created=self.created,
+            model=self.name,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+        )
+
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """The generation's events; a failed generation raises ApiError(500)."""
+        async with aclosing(self.model.stream(self.prompt, self.params)) as events:
+            async for event in events:
+                if event.finish_reason == "aborted":  # a stop or a move, not the request's fault
+                    raise ApiError(
+                        503,
+                        f"The generation was stopped: {event.error}; retry the request.",
+                        code="server_stopping",
+                        type="service_unavailable",
+                    )
+                if event.finish_reason not in (None, "stop", "length"):
+                    reason = event.error or f"the generation was {event.finish_reason}"
+                    raise ApiError(500, f"Generation failed: {reason}.", code="generation_failed")
+                yield event
+
+    async def collect(self) -> tuple[str, Event]:
+        """Run to the end: the whole text and the final event."""
+        parts: list[str] = []
+        async with aclosing(self.events()) as events:
+            async for event in events:
+                parts.append(event.text)
+                if event.finish_reason:
+                    return "".join(parts), event
+        raise ApiError(500, "The generation ended without a finish reason.")
+
+
+def _served(request: Request) -> ServedModel:
+    return request.app.state.served
+
+
+def _find_model(served: ServedModel, name: str) -> ServedModel:
+    """The node's router sent this request here; a different name is the client's mistake."""
+    if name == served.id:
+        return served
+    raise ApiError(
+        404,
+        f"The model '{name}' is not served here. Served models: {served.id}.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _admit(
+    served: ServedModel,
+    body: Sampling,
+    prompt_of: Callable[[ServedModel], list[int]],
+    prompt_param: str,
+    max_tokens: int | None,
+    id_prefix: str,
+) -> Job:
+    """Validate a request against the model; every problem here is a 4xx, never a 500."""
+    model = _find_model(served, body.model)
+    if body.n != 1:
+        raise invalid_request("Only n=1 is supported.", param="n")
+    try:
+        prompt = prompt_of(model)
+    except jinja2.TemplateError as exc:  # chat templates reject e.g. an unsupported role order
+        raise invalid_request(
+            f"The chat template rejected the messages: {exc}", param=prompt_param
+        ) from None
+    if not prompt:
+        raise invalid_request("The prompt is empty.", param=prompt_param)
+    try:
+        model.generator.check_prompt(prompt)
+    except ContextLengthError as exc:
+        raise invalid_request(
+            f"Context length exceeded: {exc}.", param=prompt_param, code="context_length_exceeded"
+        ) from None
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens or model.context_length - len(prompt),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            seed=body.seed,
+            stop=body.stop,
+            ignore_eos=body.ignore_eos,
+        )
+    except ValueError as exc:
+        raise invalid_request(f"Invalid sampling parameters: {exc}.") from None
+    return Job(model, prompt, params, body.model, f"{id_prefix}-{uuid.uuid4().hex}")
+
+
+def _usage(event: Event) -> Usage:
+    return Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+    )
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    messages = [m.model_dump() for m in body.messages]
+    job = _admit(
+        _served(request),
+        body,
+        lambda m: m.chat_prompt(messages),
+        "messages",
+        body.max_completion_tokens or body.max_tokens,
+        "chatcmpl",
+    )
+    if body.stream:
+        return EventStream(_chat_events(job, body.include_usage))
+    text, last = await job.collect()
+    choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=last.finish_reason)
+    result = ChatCompletion(**job.envelope(), choices=[choice], usage=_usage(last))
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+def _chat_chunk(
+    job: Job, choices: list[ChatChunkChoice], usage: Usage | None = None
+) -> ChatCompletionChunk:
+    return ChatCompletionChunk(**job.envelope(), choices=choices, usage=usage)
+
+
+async def _chat_events(job: Job, include_usage: bool) -> AsyncGenerator[str, None]:
+    yield sse(_chat_chunk(job, [ChatChunkChoice(delta=Delta(role="assistant", content=""))]))
+    try:
+        async with aclosing(job.events()) as events:
+            async for event in events:
+                if event.text:
+                    delta = Delta(content=event.text)
+                    yield sse(_chat_chunk(job, [ChatChunkChoice(delta=delta)]))
+                if event.finish_reason:
+                    final = ChatChunkChoice(delta=Delta(), finish_reason=event.finish_reason)
+                    yield sse(_chat_chunk(job, [final]))
+                    if include_usage:
+                        yield sse(_chat_chunk(job, [], _usage(event)))
+    except ApiError as exc:  # headers are sent: the error travels in the stream
+        yield sse(exc.body())
+    yield DONE
+
+
+# ---- text completions ------------------------------------------------------------------------
+
+
+@router.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    job = _admit(
+        _served(request),
+        body,
+        lambda m: m.text_prompt(body.prompt),
+        "prompt",
+        body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS,
+        "cmpl",
+    )
+    if body.stream:
+        return EventStream(_completion_events(job, body.include_usage))
+    text, last = await job.collect()
+    choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
+    return Response(
+        _completion(job, [choice], _usage(last)).model_dump_json(), media_type="application/json"
+    )
+
+
+def _completion(
+    job: Job, choices: list[CompletionChoice], usage: Usage | None = None
+) -> Completion:
+    return Completion(**job.envelope(), choices=choices, usage=usage)
+
+
+async def _completion_events(job: Job, include_usage: bool) -> AsyncGenerator[str, None]:
+    try:
+        async with aclosing(job.events()) as events:
+            async for event in events:
+                if event.text or event.finish_reason:
+                    choice = CompletionChoice(text=event.text, finish_reason=event.finish_reason)
+                    yield sse(_completion(job, [choice]))
+                if event.finish_reason and include_usage:
+                    yield sse(_completion(job, [], _usage(event)))
+    except ApiError as exc:
+        yield sse(exc.body())
+    yield DONE
+
+
+# ---- models, health, status ------------------------------------------------------------------
+
+
+def _card(model: ServedModel) -> ModelCard:
+    return ModelCard(id=model.id, created=model.created, context_length=model.context_length)
+
+
+@router.get("/models")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_card(_served(request))])
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    return _card(_find_model(_served(request), model_id))
+
+
+@dataclass
+class Readiness:
+    """Whether the warm-up generation passed; flipped by the runner process."""
+
+    ready: bool = False
+    reason: str = "warming up"
+
+
+def create_endpoint(served: ServedModel, readiness: Readiness) -> FastAPI:
+    app = FastAPI(title="shoal runner", version=__version__, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.served = served
+    app.add_middleware(CatchUnexpected)
+    app.include_router(router)
+
+    @app.get("/health", response_model=None)
+    async def health() -> JSONResponse:
+        if not readiness.ready:
+            raise ApiError(503, readiness.reason, code="not_ready", type="service_unavailable")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        g = served.generator
+        return {
+            "model": served.id,
+            "ready": readiness.ready,
+            "context_length": served.context_length,
+            "in_flight": g.in_flight,
+            **g.stats,
+        }
+
+    return app

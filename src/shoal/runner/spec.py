@@ -1,0 +1,56 @@
+"""The worker<->runner contract: what a runner is asked to run, and the status lines it answers.
+
+- The spec (RunnerSpec, JSON on the command line) says which model shard this rank holds and
+  how to meet the others.
+- Status goes to the runner's stdout, one StatusLine (JSON) per line. `status` walks
+  connecting -> loading -> warming -> ready <-> running, or ends in failed (reason says why, exit
+  code 1) or stopped (clean SIGTERM, exit code 0). Rank 0 puts the port of its generation
+  endpoint (see shoal.runner.endpoint) and its context length in its "ready" line, and its
+  token count now and then while generating. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+TOKENS_EVERY_S = 2.0  # rank 0 reports its token count this often while generating
+
+
+class RunnerSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    instance_id: str
+    model_id: str
+    model_path: str
+    sharding: Literal["pipeline", "tensor"] = "pipeline"
+    backend: Literal["gloo", "nccl"] = "gloo"
+    rank: int
+    world_size: int
+    layer_range: tuple[int, int]  # [start, end); tensor parallel: every layer
+    store_host: str  # rank 0's address every rank dials (TCPStore)
+    store_port: int
+    ifname: str | None = None  # GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME for this rank
+    device: str = "cpu"
+    max_batch: int = 4
+    max_seq_len: int | None = None
+    serve_host: str = "127.0.0.1"  # rank 0: where its OpenAI endpoint listens
+    serve_port: int = 0  # 0: any free port, reported in the "ready" line
+    tokenizer_cache: str | None = None
+    init_attempts: int = 8  # init_process_group tries, with backoff, over ~init_window_s
+    init_window_s: float = 30.0
+    step_timeout_s: float = 30.0  # a collective that takes longer fails the step
+    heartbeat_s: float = 2.0  # rank 0 pings the other ranks this often when idle
+
+
+class StatusLine(BaseModel):
+    """One line of a runner's stdout."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    status: str
+    reason: str | None = None
+    port: int | None = None  # rank 0: its generation endpoint
+    tokens: int | None = None  # rank 0: tokens generated so far
+    context_length: int | None = None  # rank 0: the longest sequence it serves
