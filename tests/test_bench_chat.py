@@ -24,8 +24,10 @@ from typing import Any
 import httpx
 import pytest
 
-from shoal.ops import bench, chat
-from shoal.ops.bench import Calibration, Cell, RequestResult
+from shoal.ops import bench, bench_report, chat
+from shoal.ops.api_documents import StateDocument
+from shoal.ops.bench_report import Calibration, Cell, RequestResult
+from shoal.ops.client import AsyncApiClient
 
 # ---- chat: pure helpers ----------------------------------------------------------------------
 
@@ -289,7 +291,7 @@ def test_nobody_listening_prints_the_url_and_how_to_start_a_node(
     ],
 )
 def test_percentile_interpolates_between_ranks(values: list[float], q: float, expected) -> None:
-    got = bench.percentile(values, q)
+    got = bench_report.percentile(values, q)
     assert got == expected if expected is None else math.isclose(got, expected)
 
 
@@ -298,21 +300,21 @@ def test_percentile_interpolates_between_ranks(values: list[float], q: float, ex
     [("128,512,1024", [128, 512, 1024]), ("4", [4]), ("1, 2,", [1, 2])],
 )
 def test_int_list(text: str, values: list[int]) -> None:
-    assert bench.int_list(text) == values
+    assert bench_report.int_list(text) == values
 
 
 @pytest.mark.parametrize("text", ["", "a,b", "0", "4,-1"])
 def test_int_list_rejects(text: str) -> None:
     with pytest.raises(Exception, match="expected"):
-        bench.int_list(text)
+        bench_report.int_list(text)
 
 
 def test_synthetic_text_is_deterministic_sized_and_differs_by_seed() -> None:
-    text = bench.synthetic_text(30, seed=3)
-    assert text == bench.synthetic_text(30, seed=3)
+    text = bench_report.synthetic_text(30, seed=3)
+    assert text == bench_report.synthetic_text(30, seed=3)
     assert len(text.split()) == 30
-    assert text != bench.synthetic_text(30, seed=4)
-    assert bench.synthetic_text(0, seed=1) == ""
+    assert text != bench_report.synthetic_text(30, seed=4)
+    assert bench_report.synthetic_text(0, seed=1) == ""
 
 
 @pytest.mark.parametrize(
@@ -334,27 +336,27 @@ def test_calibration_refuses_samples_that_cannot_fit_a_line(samples) -> None:
 
 
 def test_phases_run_in_their_fixed_order_whatever_order_they_are_named() -> None:
-    assert bench.phase_list("concurrency, token_sweep") == ["token_sweep", "concurrency"]
-    assert bench.phase_list("prompt_sweep") == ["prompt_sweep"]
+    assert bench_report.phase_list("concurrency, token_sweep") == ["token_sweep", "concurrency"]
+    assert bench_report.phase_list("prompt_sweep") == ["prompt_sweep"]
 
 
 @pytest.mark.parametrize("text", ["", "tokens", "concurrency,warmup"])
 def test_phase_list_rejects(text: str) -> None:
     with pytest.raises(Exception, match="expected some of token_sweep"):
-        bench.phase_list(text)
+        bench_report.phase_list(text)
 
 
 @pytest.mark.parametrize(
     ("text", "nodes"),
     [
-        ("all", bench.ALL_NODES),
-        (" all ", bench.ALL_NODES),
+        ("all", bench_report.ALL_NODES),
+        (" all ", bench_report.ALL_NODES),
         ("10.0.0.2:52415", ["http://10.0.0.2:52415"]),
         ("http://a:1/v1, b:2,", ["http://a:1", "http://b:2"]),
     ],
 )
 def test_node_list(text: str, nodes: str | list[str]) -> None:
-    assert bench.node_list(text) == nodes
+    assert bench_report.node_list(text) == nodes
 
 
 def node_row(node_id: str, *addresses: str, status: str = "alive", is_self: bool = False) -> dict:
@@ -403,11 +405,14 @@ def node_row(node_id: str, *addresses: str, status: str = "alive", is_self: bool
     ],
 )
 def test_node_candidates_from_the_cluster_state(rows, api: str, candidates) -> None:
-    assert bench.node_candidates({"nodes": rows}, api) == candidates
+    state = StateDocument.model_validate({"nodes": rows})
+    assert bench_report.node_candidates(state, api) == candidates
 
 
 def test_each_phase_moves_one_thing_and_requests_default_to_waves_of_the_concurrency() -> None:
-    cells = bench.plan_cells(list(bench.PHASES), [128, 512], [32, 256], [1, 4], 64, None)
+    cells = bench_report.plan_cells(
+        list(bench_report.PHASES), [128, 512], [32, 256], [1, 4], 64, None
+    )
     shapes = [(c.index, c.phase, c.prompt_tokens, c.max_tokens, c.concurrency) for c in cells]
     assert shapes == [
         (1, "token_sweep", 128, 32, 1),
@@ -437,7 +442,7 @@ def test_each_phase_moves_one_thing_and_requests_default_to_waves_of_the_concurr
     ],
 )
 def test_only_the_chosen_phases_are_planned(phases, requests, cells) -> None:
-    assert bench.plan_cells(phases, [16, 99], [5], [1, 2], 8, requests) == cells
+    assert bench_report.plan_cells(phases, [16, 99], [5], [1, 2], 8, requests) == cells
 
 
 @pytest.mark.parametrize(
@@ -445,11 +450,11 @@ def test_only_the_chosen_phases_are_planned(phases, requests, cells) -> None:
     [(10, 10, True), (20, 10, True), (9, 10, False), (11, 10, False), (1, 1, True), (5, 0, False)],
 )
 def test_heartbeat_every_n_requests_and_never_when_off(done: int, every: int, due: bool) -> None:
-    assert bench.heartbeat_due(done, every) is due
+    assert bench_report.heartbeat_due(done, every) is due
 
 
 def test_heartbeat_line_names_the_phase_progress_and_wall_clock() -> None:
-    line = bench.heartbeat_line(
+    line = bench_report.heartbeat_line(
         "concurrency", 40, 64, 12.34, 80.06, datetime(2026, 11, 22, 10, 1, 2)
     )
     assert line == "[concurrency] 40/64 requests, phase 12.3 s, run 80.1 s, 2026-11-22T10:01:02"
@@ -469,7 +474,7 @@ def test_cell_summary_aggregates_over_wall_time_and_keeps_failures_apart() -> No
         RequestResult(101, 5, 0.3, 0.9),  # stopped early: EOS was not ignored
         RequestResult(None, 0, None, 2.0, "HTTP 500: boom"),
     ]
-    s = bench.summarize_cell(Cell(3, "concurrency", 100, 8, 4, 4), results, wall_s=1.5)
+    s = bench_report.summarize_cell(Cell(3, "concurrency", 100, 8, 4, 4), results, wall_s=1.5)
     assert (s.cell, s.phase, s.concurrency, s.max_tokens) == (3, "concurrency", 4, 8)
     assert (s.requests, s.ok, s.errors, s.first_error) == (4, 3, 1, "HTTP 500: boom")
     assert (s.prompt_tokens_mean, s.prompt_tokens_min, s.prompt_tokens_max) == (101, 100, 102)
@@ -477,14 +482,14 @@ def test_cell_summary_aggregates_over_wall_time_and_keeps_failures_apart() -> No
     assert math.isclose(s.aggregate_decode_tps, 21 / 1.5)
     assert math.isclose(s.latency_p50_s, 1.0) and math.isclose(s.ttft_p50_s, 0.3)
     assert math.isclose(s.latency_p95_s, 1.18)
-    assert "100/101" in bench.format_table([s])
+    assert "100/101" in bench_report.format_table([s])
 
 
 def test_a_cell_where_everything_failed_has_no_rates() -> None:
     failed = [RequestResult(None, 0, None, 1, "x")]
-    s = bench.summarize_cell(Cell(1, "token_sweep", 16, 4, 1, 1), failed, 1.0)
+    s = bench_report.summarize_cell(Cell(1, "token_sweep", 16, 4, 1, 1), failed, 1.0)
     assert s.ok == 0 and s.aggregate_decode_tps is None and s.latency_p50_s is None
-    assert "-" in bench.format_table([s])
+    assert "-" in bench_report.format_table([s])
 
 
 def served(node: str, latency: float, error: str | None = None) -> RequestResult:
@@ -496,7 +501,7 @@ def served(node: str, latency: float, error: str | None = None) -> RequestResult
 def test_a_slow_node_stands_out_against_the_median_of_the_nodes() -> None:
     results = [served(n, t) for n in ("http://a", "http://c") for t in (1.0, 1.2)]
     results += [served("http://b", 3.0), served("http://b", 3.2)]
-    nodes = bench.summarize_nodes(results)
+    nodes = bench_report.summarize_nodes(results)
     assert [n.node for n in nodes] == ["http://a", "http://b", "http://c"]
     assert [n.latency_p50_s for n in nodes] == pytest.approx([1.1, 3.1, 1.1])
     assert [n.latency_vs_median for n in nodes] == pytest.approx([1.0, 3.1 / 1.1, 1.0])
@@ -505,19 +510,19 @@ def test_a_slow_node_stands_out_against_the_median_of_the_nodes() -> None:
 
 def test_a_failing_node_shows_its_errors_and_has_no_latency() -> None:
     results = [served("http://a", 1.0), served("http://b", 0.0, "cannot reach the shoal API")]
-    a, b = bench.summarize_nodes(results)
+    a, b = bench_report.summarize_nodes(results)
     assert (a.ok, a.errors, a.latency_vs_median) == (1, 0, 1.0)
     assert (b.ok, b.errors, b.latency_p50_s, b.latency_vs_median) == (0, 1, None, None)
     assert b.first_error == "cannot reach the shoal API"
-    phase = bench.summarize_phase("concurrency", 1, results, wall_s=1.0)
-    table = bench.format_nodes([phase])
+    phase = bench_report.summarize_phase("concurrency", 1, results, wall_s=1.0)
+    table = bench_report.format_nodes([phase])
     assert "cannot reach the shoal API" in table.splitlines()[2]
     assert table.splitlines()[1].split()[:3] == ["concurrency", "http://a", "1/1"]
 
 
 def test_phase_summary_totals_the_phase_and_splits_it_by_node() -> None:
     results = [served("http://a", 1.0), served("http://b", 2.0), served("http://a", 0.5, "x")]
-    s = bench.summarize_phase("token_sweep", 2, results, wall_s=3.0)
+    s = bench_report.summarize_phase("token_sweep", 2, results, wall_s=3.0)
     assert (s.phase, s.cells, s.wall_s) == ("token_sweep", 2, 3.0)
     assert (s.requests, s.ok, s.errors, s.first_error) == (3, 2, 1, "x")
     assert s.completion_tokens == 22
@@ -526,8 +531,8 @@ def test_phase_summary_totals_the_phase_and_splits_it_by_node() -> None:
 
 def test_cell_and_phase_records_are_plain_json_lines_told_apart_by_kind() -> None:
     results = [RequestResult(10, 4, 0.1, 0.4, node="http://a")]
-    summary = bench.summarize_cell(Cell(1, "token_sweep", 16, 4, 1, 1), results, 0.4)
-    cell = json.loads(json.dumps(bench.cell_record(summary, results, {"model": "m"})))
+    summary = bench_report.summarize_cell(Cell(1, "token_sweep", 16, 4, 1, 1), results, 0.4)
+    cell = json.loads(json.dumps(bench_report.cell_record(summary, results, {"model": "m"})))
     assert (cell["kind"], cell["phase"], cell["cell"], cell["model"]) == (
         "cell",
         "token_sweep",
@@ -536,8 +541,8 @@ def test_cell_and_phase_records_are_plain_json_lines_told_apart_by_kind() -> Non
     )
     assert cell["request_results"][0]["decode_tps"] == 10.0
     assert cell["request_results"][0]["node"] == "http://a"
-    phase = bench.summarize_phase("token_sweep", 1, results, 0.5)
-    line = json.loads(json.dumps(bench.phase_record(phase, {"model": "m"})))
+    phase = bench_report.summarize_phase("token_sweep", 1, results, 0.5)
+    line = json.loads(json.dumps(bench_report.phase_record(phase, {"model": "m"})))
     assert (line["kind"], line["phase"], line["requests"], line["model"]) == (
         "phase",
         "token_sweep",
@@ -573,7 +578,8 @@ def run_one_cell(nodes: list[str], refused: set[str]) -> tuple[list[RequestResul
     async def go() -> list[RequestResult]:
         async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
             calibration = Calibration(0, 1)
-            run = bench.Run(client, "m", calibration, nodes, [cell], args, said.append)
+            api = AsyncApiClient(nodes[0], http=client)
+            run = bench.Run(api, "m", calibration, nodes, [cell], args, said.append)
             run.phase = cell.phase
             return (await bench.run_cell(run, cell))[0]
 

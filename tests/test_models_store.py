@@ -253,7 +253,7 @@ def test_files_agree(digests: dict, allowed: set, refused: list) -> None:
     got_allowed, reasons = files_agree({n: held(d) for n, d in digests.items()})
     assert got_allowed == allowed
     assert [r.nodes[0] for r in reasons] == refused
-    assert all("shoal audit org/tiny" in r.reason for r in reasons)
+    assert all("shoal audit org/tiny" in r.text for r in reasons)
 
 
 # -- cards -------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def placed(result: Placement | Refusal) -> Placement:
 
 def reasons(result: Placement | Refusal) -> list[str]:
     assert isinstance(result, Refusal), result
-    return [r.reason for r in result.reasons]
+    return [r.text for r in result.reasons]
 
 
 MESH = [("a", "b", "both", 1.0), ("b", "c", "both", 1.0), ("a", "c", "both", 1.0)]

@@ -1,43 +1,37 @@
 """This node's part in the cluster plan: adopt it, lead it when elected, run our share of it.
 
-Every tick (once per cluster poll) the node adopts the newest plan it sees. The leader also
-places `--min-nodes` models once enough nodes hold them, and publishes the plan in its report.
-Plan changes asked of a follower's API are forwarded to the leader, whose answer is returned.
-Decisions live in cluster.plan and placement.planner; this module moves data between them,
-the worker and the network.
+Every tick (once per cluster poll) the controller reads the view (alive reports, runners, the
+cards' blocks), asks placement.decide what to do, hands the plan to its worker and records the
+events the decision names. Plan changes asked of a follower's API are forwarded to the leader,
+whose answer is returned. Decisions live in placement.decide and the modules under it; this
+module moves data between them, the worker and the network.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from shoal.cluster.service import ClusterService, url_host
-from shoal.models.cards import blocked_reason
+from shoal.models.cards import blocked_refusal
+from shoal.placement import decide as decisions
+from shoal.placement.decide import LEADER_GRACE_S, SERVING, Decision, Memory, PlaceAsk, decide
 from shoal.placement.plan import (
-    META_NAME,
-    files_agree,
     find_instance,
-    holders,
     instance_document,
-    instance_from_placement,
     lead,
-    model_spec,
-    newest_plan,
-    pending_auto_places,
     runner_of,
     with_instance,
     without_instance,
 )
-from shoal.placement.planner import CandidateReason, Placement, PlacementRequest, Refusal, plan
+from shoal.placement.planner import Refusal
 from shoal.placement.preflight import PathCheck, preflight
-from shoal.placement.review import review
+from shoal.schema.reasons import Reason, event_fields, render
 from shoal.schema.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
 from shoal.worker import Worker
 
@@ -46,29 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVING = ("ready", "running")
-# "RTT 5.3 ms", "12.0 GiB", "loss 10%"; not addresses (10.0.0.2) nor counts
-_MEASURED = re.compile(r"(?<![\d.])\d+\.\d+(?!\.?\d)|\d+%")
-LEADER_GRACE_S = 3.0  # a starting node hears its peers' plans before it may lead
-
-
-@dataclass(frozen=True)
-class PlaceAsk:
-    """What a caller asks placement for (GET /instance/placement, POST /instance, auto)."""
-
-    model_id: str
-    sharding: str = "pipeline"
-    backend: str = "gloo"
-    meta: str = "GlooInstance"
-    min_nodes: int = 1
-    max_nodes: int | None = None
-    nodes: frozenset[str] | None = None  # only these nodes
-    allow_blocked: bool = False  # place a model whose card says blocked
-
-
-def gist(text: str) -> str:
-    """A refusal without its measured numbers: "RTT 5.3 ms" and "RTT 5.4 ms" say one thing."""
-    return _MEASURED.sub("#", text)
+__all__ = ["LEADER_GRACE_S", "Controller", "NotLeader", "PlaceAsk"]
 
 
 class NotLeader(Exception):
@@ -94,10 +66,8 @@ class Controller:
         self.plan = ClusterPlan()  # the newest adopted
         self.events = service.events
         self.thresholds = service.settings.thresholds
-        self.alerts: dict[str, str] = {}  # instance id -> why it cannot serve as placed
-        self._auto_refused: dict[str, str] = {}  # model -> gist of the last refusal noted
-        self._runner_status: dict[str, str] = {}  # runner id -> last status seen (for events)
-        self._started = time.monotonic()
+        self.memory = Memory()  # what the tick keeps between ticks (placement.decide)
+        self._started = time.time()
         self._best_rates: dict[str, float] = {}
         service.report_extras = self._report_fields
         service.on_tick = self.tick
@@ -115,104 +85,60 @@ class Controller:
     def reports(self) -> list[NodeReport]:
         return self.service.view.alive_reports(self.service.report)
 
-    # -- the tick --------------------------------------------------------------------------
+    @property
+    def alert_reasons(self) -> Mapping[str, Reason]:
+        """Instance id -> why it cannot serve as placed, as data."""
+        return self.memory.alerts
+
+    @property
+    def alerts(self) -> dict[str, str]:
+        """Instance id -> why it cannot serve as placed, as a sentence."""
+        return {iid: render(why) for iid, why in self.memory.alerts.items()}
+
+    # -- the tick: read, decide, reconcile, publish ----------------------------------------
 
     def tick(self) -> None:
-        adopted = newest_plan(self.plan, self.reports())
-        # A node that just started leads only after it had the time to hear its peers' plans.
-        if self.is_leader() and time.monotonic() - self._started >= LEADER_GRACE_S:
-            adopted = lead(adopted, self.node_id)
-            for want in pending_auto_places(self.reports(), adopted):
-                adopted = self._auto(adopted, want)
-            adopted = self._review(adopted)
-        self._note_runner_changes()
-        if adopted != self.plan:
+        reports, now = self.reports(), time.time()
+        local = self.worker.states()
+        runners = {**self.runner_states(), **{s.runner_id: s for s in local}}
+        wanted = {w.model_id for r in reports for w in r.auto_place}
+        decision = decide(self.plan, reports, runners, self._cards(wanted), now,
+                          self._config(local), self.memory)  # fmt: skip
+        self._apply(decision, reports)
+
+    def _apply(self, decision: Decision, reports: list[NodeReport]) -> None:
+        self.memory = decision.memory
+        names = _names(reports)
+        for line in decision.logs:
+            log.info("%s", render(line, names))
+        for note in decision.notes:
+            self.note(note.kind, note.reason, names=names, **dict(note.tags))
+        if decision.plan is not None:
             log.info(
                 "plan term %d version %d: %d instance(s)",
-                adopted.term,
-                adopted.version,
-                len(adopted.instances),
+                decision.plan.term,
+                decision.plan.version,
+                len(decision.plan.instances),
             )
-        self.plan = adopted
-        self.worker.reconcile(adopted)
+            self.plan = decision.plan
+        self.worker.reconcile(self.plan)
 
-    def _auto(self, current: ClusterPlan, want: AutoPlace) -> ClusterPlan:
-        ask = PlaceAsk(
-            want.model_id,
-            want.sharding,
-            want.backend,
-            META_NAME[want.backend],
-            min_nodes=want.min_nodes,
-            allow_blocked=want.allow_blocked,
+    def _config(self, local: Iterable[RunnerState] = ()) -> decisions.Config:
+        return decisions.Config(
+            node_id=self.node_id,
+            leader=self.leader(),
+            started_at=self._started,
+            thresholds=self.thresholds,
+            context_tokens=self.context_tokens,
+            local_runners=frozenset(s.runner_id for s in local),
         )
-        result = self.place(ask)
-        if isinstance(result, InstanceSpec):
-            log.info(
-                "placed %s on %s (auto, --min-nodes %d)",
-                want.model_id,
-                ", ".join(result.nodes),
-                want.min_nodes,
-            )
-            self._auto_refused.pop(want.model_id, None)
-            return with_instance(current, result)
-        text = result.text()
-        # measured numbers move every tick: only a refusal that says something new is noted
-        if self._auto_refused.get(want.model_id) != gist(text):
-            self._auto_refused[want.model_id] = gist(text)
-            self.note(
-                "refused",
-                f"waiting to place {want.model_id} (--min-nodes {want.min_nodes}): {text}",
-                model=want.model_id,
-            )
-        return current
 
-    def _review(self, current: ClusterPlan) -> ClusterPlan:
-        """Move instances that cannot serve as placed, or whose paths got much slower."""
-        reports, runners, now = self.reports(), self.runner_states(), time.time()
-        alerts = {}
-        for instance in current.instances:
-            ask = PlaceAsk(
-                instance.model_id,
-                instance.sharding,
-                instance.backend,
-                instance.meta,
-                min_nodes=len(instance.nodes),
-                max_nodes=len(instance.nodes),
-                allow_blocked=True,  # placed once already: moving it is not a new decision
-            )
-            result = self.place(ask, instance.instance_id, generation=instance.generation + 1)
-            candidate = result if isinstance(result, InstanceSpec) else None
-            verdict = review(instance, candidate, reports, runners, now)
-            if verdict.move and candidate is not None:
-                moved = candidate.model_copy(update={"reason": verdict.reason})
-                current = with_instance(current, moved)
-                self.note(
-                    "moved",
-                    f"instance {instance.instance_id} ({instance.model_id}) "
-                    f"re-placed on {', '.join(self.service.name_of(n) for n in moved.nodes)}"
-                    f" at {moved.store_address}: {verdict.reason}",
-                    instance=instance.instance_id,
-                )
-            elif verdict.reason:
-                why = f"; no other layout: {result.text()}" if isinstance(result, Refusal) else ""
-                alerts[instance.instance_id] = verdict.reason + why
-        for iid, text in alerts.items():
-            if self.alerts.get(iid) != text:
-                self.note("instance", f"instance {iid}: {text}", instance=iid)
-        self.alerts = alerts
-        return current
-
-    def _note_runner_changes(self) -> None:
-        for state in self.worker.states():
-            before = self._runner_status.get(state.runner_id)
-            if state.status != before:
-                self._runner_status[state.runner_id] = state.status
-                if state.status == "failed":
-                    self.note(
-                        "runner_failed",
-                        f"runner {state.runner_id} failed: {state.reason}",
-                        instance=state.instance_id,
-                    )
+    def _cards(self, model_ids: Iterable[str]) -> dict[str, Reason]:
+        """The block each model's card puts on placing it (models without one are absent)."""
+        if self.library is None:
+            return {}
+        blocks = {m: blocked_refusal(self.library.card(m)) for m in model_ids}
+        return {m: why for m, why in blocks.items() if why is not None}
 
     def best_rate(self, instance_id: str, rate: float) -> float:
         """The instance's best tok/s seen here: the baseline its current rate is read against."""
@@ -220,12 +146,23 @@ class Controller:
         self._best_rates[instance_id] = best
         return best
 
-    def note(self, kind: str, message: str, **fields: Any) -> None:
-        """An event in this node's history (/state, /cluster/alerts), or a log line without one."""
+    def note(
+        self,
+        kind: str,
+        message: str | Reason,
+        names: Mapping[str, str] | None = None,
+        **fields: Any,
+    ) -> None:
+        """An event in this node's history (/state, /cluster/alerts), or a log line without one.
+        A Reason is stored as data beside its sentence (names: node id -> name for it)."""
+        text, data = message, {}
+        if isinstance(message, Reason):
+            text = render(message, _names(self.reports()) if names is None else names)
+            data = event_fields(message)
         if self.events is not None:
-            self.events.add(kind, message, **fields)
+            self.events.add(kind, text, **data, **fields)
         else:
-            log.warning("%s: %s", kind, message)
+            log.warning("%s: %s", kind, text)
 
     def _report_fields(self) -> dict[str, Any]:
         models = tuple(m.held for m in self.worker.models.values())
@@ -250,71 +187,16 @@ class Controller:
 
         With preflight_checks, a layout whose paths miss the thresholds is refused with the
         measured numbers (and a better path where one was measured)."""
-        reports = self.reports()
-        if self.library is not None:
-            blocked = blocked_reason(self.library.card(ask.model_id), ask.allow_blocked)
-            if blocked:
-                return Refusal((CandidateReason((), blocked),))
-        held = holders(reports, ask.model_id)
-        extra: list[CandidateReason] = []
-        if not held:
-            known = sorted({m.model_id for r in reports for m in r.models})
-            return Refusal(
-                (
-                    CandidateReason(
-                        (),
-                        f"no alive node holds {ask.model_id}; "
-                        f"held models: {', '.join(known) or 'none'}",
-                    ),
-                )
-            )
-        allowed, differ = files_agree(held)
-        extra += differ
-        for r in reports:
-            if r.node_id not in held and (ask.nodes is None or r.node_id in ask.nodes):
-                extra.append(
-                    CandidateReason((r.node_id,), f"node {r.node_id} does not hold {ask.model_id}")
-                )
-        first = held[next(iter(allowed))]
-        window = first.context_length or 4096
-        context = min(self.context_tokens or window, window)  # the KV budget per rank
-        request = PlacementRequest(
-            model=model_spec(first),
-            sharding=ask.sharding,  # type: ignore[arg-type]
-            backend=ask.backend,  # type: ignore[arg-type]
-            min_nodes=ask.min_nodes,
-            max_nodes=ask.max_nodes,
-            node_filter=frozenset(allowed & ask.nodes if ask.nodes is not None else allowed),
-            context_tokens=context,
-        )
-        now = time.time()
-        result = plan(request, reports, now)
-        if isinstance(result, Refusal):
-            return Refusal((*extra, *result.reasons))
-        assert isinstance(result, Placement)
-        instance = instance_from_placement(
-            result,
-            request,
-            instance_id=instance_id or str(uuid.uuid4()),
-            meta=ask.meta,
-            reports={r.node_id: r for r in reports},
-            now=now,
+        return decisions.place(
+            ask,
+            self.reports(),
+            self._cards([ask.model_id]),
+            time.time(),
+            self._config(),
+            instance_id or str(uuid.uuid4()),
             generation=generation,
+            preflight_checks=preflight_checks,
         )
-        if preflight_checks:
-            failed = [c for c in self.preflight(instance) if not c.ok]
-            if failed:
-                return Refusal(
-                    tuple(
-                        CandidateReason(
-                            instance.nodes,
-                            f"preflight: {c.describe()}"
-                            + (f"; better measured path: {c.better}" if c.better else ""),
-                        )
-                        for c in failed
-                    )
-                )
-        return instance
 
     def preflight(self, instance: InstanceSpec) -> list[PathCheck]:
         reports = {r.node_id: r for r in self.reports()}
@@ -394,3 +276,7 @@ class Controller:
             return url_host(instance.store_address)
         address = self.service.address_of(rank0)
         return address[0] if address else None
+
+
+def _names(reports: Iterable[NodeReport]) -> dict[str, str]:
+    return {r.node_id: r.name for r in reports if r.name}

@@ -12,7 +12,6 @@ import httpx
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict
 
-from shoal.api.errors import ApiError
 from shoal.api.host import controller_of
 from shoal.cluster.catalog import models_document
 from shoal.cluster.events import merge_history
@@ -20,6 +19,8 @@ from shoal.cluster.hints import rdma_hints
 from shoal.cluster.service import ClusterService
 from shoal.cluster.view import links_document, nodes_document, state_document
 from shoal.placement.review import used_path_rows
+from shoal.schema.reasons import event_fields, render
+from shoal.web.errors import ApiError
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -169,8 +170,9 @@ def alerts_of(controller: Any) -> list[dict[str, Any]]:
                         "since": h.since,
                     }
                 )
-    for iid, text in controller.alerts.items():
-        out.append({"kind": "instance", "status": "degraded", "instance": iid, "message": text})
+    for iid, why in controller.alert_reasons.items():  # the reason as data, and its parts
+        alert = {"kind": "instance", "status": "degraded", "instance": iid, "message": render(why)}
+        out.append({**alert, **event_fields(why)})
     for s in controller.runner_states().values():
         if s.status == "failed":
             out.append(

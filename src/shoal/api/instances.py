@@ -16,7 +16,6 @@ import httpx
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict
 
-from shoal.api.errors import ApiError, invalid_request
 from shoal.api.host import controller_of
 from shoal.control import Controller, NotLeader, PlaceAsk
 from shoal.placement.plan import (
@@ -27,6 +26,7 @@ from shoal.placement.plan import (
 )
 from shoal.placement.planner import Refusal
 from shoal.schema.report import InstanceSpec
+from shoal.web.errors import ApiError, invalid_request
 
 router = APIRouter()
 

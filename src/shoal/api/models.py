@@ -15,11 +15,11 @@ import httpx
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from shoal.api.errors import ApiError, invalid_request
 from shoal.api.host import library_of
 from shoal.models.cards import ModelCard
 from shoal.models.library import Library, PullRefused
 from shoal.ops.audit import audit, manifests_of, ready
+from shoal.web.errors import ApiError, invalid_request
 
 router = APIRouter()
 

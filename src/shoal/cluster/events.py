@@ -2,6 +2,9 @@
 
 One JSON object per line in `<data dir>/events.jsonl`, the newest `keep` of them. A marker file
 written at start and removed at a clean stop tells the next start that the last run crashed.
+An event is `{at, kind, message, ...}`; one recorded from a Reason (`record`) also carries the
+reason as data (code, nodes, path, measured, facts) and its `parts` for the dashboard, with
+`message` its one rendering (schema.reasons).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from shoal.schema.reasons import Reason, event_fields, reason, render
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +49,19 @@ class EventLog:
             last = json.loads(self.marker.read_text())
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("started", 0)))
             boot = str(last.get("boot_id", "?"))[:8]
-            self.add(
-                "crash",
-                f"the previous run (boot {boot}, started {started}) ended without a clean stop",
-            )
+            self.record("crash", reason("crash", boot=boot, started=started))
         self.marker.write_text(json.dumps({"boot_id": self.boot_id, "started": time.time()}))
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self.marker.unlink()
+
+    def record(
+        self, kind: str, why: Reason, names: dict[str, str] | None = None, **tags: Any
+    ) -> dict[str, Any]:
+        """An event saying `why`: its sentence (node names from `names` where it names them by
+        name), the reason as data, and tags to find it by (node=, instance=, model=)."""
+        return self.add(kind, render(why, names), **event_fields(why), **tags)
 
     def add(self, kind: str, message: str, **fields: Any) -> dict[str, Any]:
         event = {"at": time.time(), "kind": kind, "message": message, **fields}

@@ -32,6 +32,7 @@ from shoal.cluster.links import Prober
 from shoal.cluster.machine import local_device_label
 from shoal.cluster.thunderbolt import local_thunderbolt_links
 from shoal.cluster.view import ClusterView, PeerStatus, Timing, membership_changes
+from shoal.schema.reasons import PathRef, reason
 from shoal.schema.report import (
     MAX_REPORT_BYTES,
     PROTOCOL_VERSION,
@@ -225,22 +226,16 @@ class ClusterService:
         for change in self.health.observe(links, now):
             if self.events is None:
                 continue
-            name = self.name_of(change.peer_node_id)
-            where = f"path to {name} at {change.peer_addr} ({change.interface_kind})"
+            peer, me = change.peer_node_id, self.identity.node_id
+            path = PathRef(me, peer, change.peer_addr)
+            kind, names = change.interface_kind, {peer: self.name_of(peer)}
             if change.status == "ok":
-                self.events.add(
-                    "recovered",
-                    f"{where} is ok again",
-                    peer=change.peer_node_id,
-                    addr=change.peer_addr,
-                )
+                why = reason("path_recovered", nodes=(me, peer), path=path, kind=kind)
+                self.events.record("recovered", why, names, peer=peer, addr=change.peer_addr)
             else:
-                self.events.add(
-                    change.status,
-                    f"{where}: {change.reason}",
-                    peer=change.peer_node_id,
-                    addr=change.peer_addr,
-                )
+                why = reason("path_health", nodes=(me, peer), path=path, kind=kind,
+                             status=change.status, detail=change.reason)  # fmt: skip
+                self.events.record(change.status, why, names, peer=peer, addr=change.peer_addr)
 
     def _note_membership(self) -> None:
         """node_joined / node_gone events since the last tick (goodbyes between ticks too)."""
@@ -249,13 +244,14 @@ class ClusterService:
         if self.events is None:
             return
         for node_id, kind in membership_changes(before, self._statuses):
-            label = f"node {self.name_of(node_id)} ({node_id[:8]})"
+            names = {node_id: self.name_of(node_id)}
             if kind == "node_gone":
-                reason = self.view.peers[node_id].gone_reason or "no reason recorded"
-                self.events.add(kind, f"{label} is gone: {reason}", node=node_id)
+                gone = self.view.peers[node_id].gone_reason or "no reason recorded"
+                why = reason("member_gone", nodes=(node_id,), detail=gone)
             else:
-                joined = "is back" if node_id in before else "joined"
-                self.events.add(kind, f"{label} {joined}", node=node_id)
+                code = "member_back" if node_id in before else "member_joined"
+                why = reason(code, nodes=(node_id,))
+            self.events.record(kind, why, names, node=node_id)
 
     def name_of(self, node_id: str) -> str:
         report = self.view.report_of(node_id)

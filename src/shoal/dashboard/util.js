@@ -59,16 +59,12 @@ export function nameOf(state, nodeId) {
   return node?.name || (nodeId || "?").slice(0, 8);
 }
 
-/** Server text with node ids (whole, or their first 8 characters) shown as friendly names. */
-export function named(state, text) {
-  let out = String(text ?? "");
-  for (const n of state?.nodes || []) {
-    if (!n.name || !/^[0-9a-f]+$/.test(n.node_id)) continue;
-    out = out.split(`${n.name} (${n.node_id.slice(0, 8)})`).join(n.name) // "node b (fe7357cb)"
-      .split(n.node_id).join(n.name)
-      .replace(new RegExp(`\\b${n.node_id.slice(0, 8)}\\b`, "g"), n.name);
-  }
-  return out;
+/** A server sentence with the nodes it names shown by name: rendered from its `parts` (text
+ * runs and {node: id} marks, from the fields of its reason) where the document has them, else
+ * its text as written. Never a rewrite of ids inside prose. */
+export function said(state, parts, text) {
+  if (!Array.isArray(parts)) return String(text ?? "");
+  return parts.map((p) => (typeof p === "string" ? p : nameOf(state, p.node))).join("");
 }
 
 /** The host of "host:port" or "[v6]:port". */

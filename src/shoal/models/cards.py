@@ -18,6 +18,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shoal.schema.reasons import Reason, reason, render
+
 BUILTIN_DIR = Path(__file__).with_name("cards")
 STATUSES = ("active", "blocked", "watch", "deprecated")
 BACKENDS = ("gloo", "nccl")
@@ -97,13 +99,14 @@ def card_for(cards: Mapping[str, ModelCard], model_id: str) -> ModelCard:
     return cards.get(model_id) or default_card(model_id)
 
 
+def blocked_refusal(card: ModelCard) -> Reason | None:
+    """The card's block as data (placement refuses with it unless the caller overrides)."""
+    if card.status != "blocked":
+        return None
+    return reason("blocked", model=card.model_id, status_note=card.status_note, source=card.source)
+
+
 def blocked_reason(card: ModelCard, allow_blocked: bool) -> str | None:
     """Why placing this model is refused, or None. Only `blocked` stops; the caller may override."""
-    if card.status != "blocked" or allow_blocked:
-        return None
-    note = f" ({card.status_note})" if card.status_note else ""
-    return (
-        f"{card.model_id} is blocked by its model card{note}; place it anyway with "
-        f"allow_blocked=true (CLI: --allow-blocked) once you accept the risk, or set its "
-        f"status in {card.source or 'a card under <config>/cards/'}"
-    )
+    why = None if allow_blocked else blocked_refusal(card)
+    return render(why) if why else None

@@ -1,30 +1,42 @@
 """`shoal chat`: a terminal client for a node's OpenAI-compatible API.
 
 Interactive by default (conversation history, streamed tokens, /reset, /exit, Ctrl-C stops an
-answer, Ctrl-D quits); one-shot with `-m "question"` or with a question piped on stdin. Speaks
-plain HTTP + SSE through httpx so the client needs nothing beyond shoal's own dependencies.
+answer, Ctrl-D quits); one-shot with `-m "question"` or with a question piped on stdin. Talks
+to the node through the typed API client (ops.client), whose streams httpx-sse reads.
 
-The SSE parsing, error-body reading and timing helpers here are shared with `shoal bench`.
+The timing helpers here are shared with `shoal bench`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Final, TextIO
+from typing import Any, TextIO
 
 import httpx
 
-DEFAULT_API: Final = "http://127.0.0.1:52415"
-SSE_DONE: Final = "[DONE]"
-START_HINT: Final = "start a node with `shoal run` (or `make run`)"
-# Connecting must be quick; reading may wait on a long prefill or a busy batch.
-CLIENT_TIMEOUT: Final = httpx.Timeout(300.0, connect=5.0)
+from shoal.ops.client import (  # noqa: F401 - SSE_DONE, parse_sse_line, read_chunk: the API
+    DEFAULT_API,
+    DEFAULT_TIMEOUT,
+    SSE_DONE,
+    START_HINT,
+    ApiClient,
+    ApiError,
+    ApiUnreachable,
+    ChunkDelta,
+    api_base,
+    error_message,
+    error_text,
+    parse_sse_line,
+    read_chunk,
+)
+
+CLIENT_TIMEOUT = DEFAULT_TIMEOUT
 
 EXIT_OK, EXIT_API_ERROR, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -32,83 +44,6 @@ HELP_LINE = "/reset clears the conversation · /exit or Ctrl-D quits · Ctrl-C s
 
 
 # ---- pure helpers ----------------------------------------------------------------------------
-
-
-def api_base(url: str) -> str:
-    """Normalise what a user types (`host:port`, `http://host:port/`, `.../v1`) to a base URL."""
-    url = url.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    if url.endswith("/v1"):
-        url = url[: -len("/v1")]
-    return url
-
-
-def parse_sse_line(line: str) -> dict[str, Any] | str | None:
-    """One line of an SSE stream: a JSON payload (dict), SSE_DONE, or None for anything else
-    (blank separators, `:` keep-alive comments, `event:`/`id:` fields)."""
-    line = line.rstrip("\r")
-    if not line.startswith("data:"):
-        return None
-    data = line[len("data:") :]
-    data = data[1:] if data.startswith(" ") else data
-    if data.strip() == SSE_DONE:
-        return SSE_DONE
-    try:
-        payload = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"malformed SSE data: {data[:120]!r}") from exc
-    if not isinstance(payload, dict):
-        raise ValueError(f"SSE data is not a JSON object: {data[:120]!r}")
-    return payload
-
-
-@dataclass(frozen=True)
-class ChunkDelta:
-    """What one streamed chunk carries, for chat and text completions alike."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    error: str | None = None
-
-
-def read_chunk(payload: dict[str, Any]) -> ChunkDelta:
-    if "error" in payload:
-        return ChunkDelta(error=error_text(payload["error"]))
-    usage = payload.get("usage") or None
-    choices = payload.get("choices") or []
-    if not choices:  # the include_usage chunk has an empty choices list
-        return ChunkDelta(usage=usage)
-    choice = choices[0]
-    delta = choice.get("delta")
-    text = (delta or {}).get("content") if delta is not None else choice.get("text")
-    return ChunkDelta(text or "", choice.get("finish_reason"), usage)
-
-
-def error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message") or error.get("type") or json.dumps(error))
-    return str(error)
-
-
-def error_message(status: int, body: bytes) -> str:
-    """One line out of an error response: OpenAI `{"error": {"message"}}`, FastAPI
-    `{"detail": ...}`, or the raw text."""
-    message = ""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        data = None
-    if isinstance(data, dict) and "error" in data:
-        message = error_text(data["error"])
-    elif isinstance(data, dict) and "detail" in data:
-        detail = data["detail"]
-        message = detail if isinstance(detail, str) else json.dumps(detail)
-    else:
-        message = body.decode("utf-8", "replace").strip()
-    message = " ".join(message.split()) or "(empty body)"
-    return f"HTTP {status}: {message[:500]}"
 
 
 def decode_rate(completion_tokens: int, ttft_s: float | None, total_s: float) -> float | None:
@@ -146,39 +81,17 @@ def format_stats(result: StreamResult) -> str:
 # ---- HTTP ------------------------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    """The API answered with an error; the message is one line."""
-
-
-class ApiUnreachable(Exception):
-    def __init__(self, base: str) -> None:
-        super().__init__(f"cannot reach the shoal API at {base}: {START_HINT}")
-
-
-def list_models(client: httpx.Client, base: str) -> list[str]:
-    try:
-        response = client.get(f"{base}/v1/models")
-    except httpx.ConnectError as exc:
-        raise ApiUnreachable(base) from exc
-    except httpx.HTTPError as exc:
-        raise ApiError(f"GET /v1/models failed: {exc}") from exc
-    if response.status_code != 200:
-        raise ApiError(error_message(response.status_code, response.content))
-    return [m["id"] for m in response.json().get("data", [])]
-
-
 def stream_request(
-    client: httpx.Client,
-    url: str,
+    api: ApiClient,
     body: dict[str, Any],
     on_text: Callable[[str], None],
     clock: Callable[[], float] = time.perf_counter,
 ) -> StreamResult:
-    """POST a streaming request and hand text to on_text as it arrives.
+    """Stream a chat completion and hand text to on_text as it arrives.
 
-    A KeyboardInterrupt passes through after the `with` block has closed the response, so the
+    A KeyboardInterrupt passes through after the stream has closed the response, so the
     server sees the disconnect and stops generating."""
-    base = url.split("/v1/", 1)[0]
+    base = api.base
     started = clock()
     ttft: float | None = None
     pieces: list[str] = []
@@ -186,17 +99,8 @@ def stream_request(
     finish: str | None = None
     chunks_with_text = 0
     try:
-        with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                raise ApiError(error_message(response.status_code, response.read()))
-            for line in response.iter_lines():
-                item = parse_sse_line(line)
-                if item is None:
-                    continue
-                if item == SSE_DONE:
-                    break
-                assert isinstance(item, dict)
-                chunk = read_chunk(item)
+        with closing(api.chat_stream(body)) as chunks:
+            for chunk in chunks:
                 if chunk.error:
                     raise ApiError(chunk.error)
                 if chunk.text:
@@ -207,8 +111,6 @@ def stream_request(
                     on_text(chunk.text)
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
-    except httpx.ConnectError as exc:
-        raise ApiUnreachable(base) from exc
     except httpx.TimeoutException as exc:
         raise ApiError(f"no answer from {base} in time ({type(exc).__name__})") from exc
     except httpx.HTTPError as exc:  # e.g. the server went away mid-stream
@@ -222,12 +124,22 @@ def stream_request(
     return StreamResult("".join(pieces), prompt, completion, ttft, total, finish)
 
 
+def first_model(api: ApiClient) -> str:
+    try:
+        models = api.models()
+    except httpx.HTTPError as exc:
+        raise ApiError(f"GET /v1/models failed: {exc}") from exc
+    if not models:
+        raise ApiError(f"{api.base} serves no model yet; check `shoal run` output")
+    return models[0]
+
+
 # ---- the command -----------------------------------------------------------------------------
 
 
 @dataclass
 class ChatSession:
-    client: httpx.Client
+    client: ApiClient | httpx.Client  # an httpx.Client is wrapped as an ApiClient at base
     base: str
     model: str
     system: str | None = None
@@ -235,6 +147,9 @@ class ChatSession:
     max_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.client, httpx.Client):
+            self.client = ApiClient(self.base, http=self.client)
+        self.api: ApiClient = self.client
         self.history: list[dict[str, str]] = []
         self.reset()
 
@@ -258,9 +173,7 @@ class ChatSession:
         """One turn; the history keeps the turn only when the answer completed."""
         self.history.append({"role": "user", "content": question})
         try:
-            result = stream_request(
-                self.client, f"{self.base}/v1/chat/completions", self.body(), on_text
-            )
+            result = stream_request(self.api, self.body(), on_text)
         except BaseException:
             self.history.pop()
             raise
@@ -330,16 +243,9 @@ def repl(
 def run(args: argparse.Namespace) -> int:
     base = api_base(args.api)
     try:
-        with httpx.Client(timeout=CLIENT_TIMEOUT) as client:
-            model = args.model
-            if model is None:
-                models = list_models(client, base)
-                if not models:
-                    raise ApiError(f"{base} serves no model yet; check `shoal run` output")
-                model = models[0]
-            session = ChatSession(
-                client, base, model, args.system, args.temperature, args.max_tokens
-            )
+        with ApiClient(base, timeout=CLIENT_TIMEOUT) as api:
+            model = args.model if args.model is not None else first_model(api)
+            session = ChatSession(api, base, model, args.system, args.temperature, args.max_tokens)
             question = args.message
             if question is None and not sys.stdin.isatty():
                 question = sys.stdin.read()

@@ -25,10 +25,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from shoal.placement.addressing import RECENT_S, PathOption, host_of, options_to, rank_key
+from shoal.schema.reasons import CandidateReason, PathRef, Reason, Refusal, reason
 from shoal.schema.report import NodeReport
 
 GIB = 1024**3
@@ -73,23 +74,6 @@ class Placement:
     store_address: str  # rank 0's host, reachable by every other rank
     rank_addresses: tuple[str, ...]  # rank 0: the store; rank i: as rank i-1 dials it
     slowest_hop_ms: float | None  # None for one node or when a ring hop has no measured RTT
-
-
-@dataclass(frozen=True)
-class CandidateReason:
-    nodes: tuple[str, ...]
-    reason: str
-
-
-@dataclass(frozen=True)
-class Refusal:
-    reasons: tuple[CandidateReason, ...] = field(default_factory=tuple)
-
-    def text(self) -> str:
-        """One line for people: each reason, prefixed by the node set it rules out."""
-        lines = [f"[{', '.join(r.nodes)}] {r.reason}" if r.nodes else r.reason
-                 for r in self.reasons]  # fmt: skip
-        return "; ".join(lines) or "no candidate node set"
 
 
 class _Links:
@@ -145,10 +129,11 @@ class _Links:
         best = self.best(a, b)
         return best.rtt_ms if best and best.rtt_ms is not None else _NO_RTT
 
-    def missing(self, a: str, b: str) -> str:
-        seen = self.seen.get((a, b), {})
-        measured = ", ".join(f"{h} loss {loss:.0%}" for h, loss in sorted(seen.items()))
-        return f"no working path {a} -> {b} ({'measured: ' + measured if seen else 'unmeasured'})"
+    def missing(self, a: str, b: str) -> Reason:
+        seen = sorted(self.seen.get((a, b), {}).items())
+        return reason("no_path", nodes=(a, b), path=PathRef(a, b),
+                      measured={"losses": tuple(loss for _, loss in seen)},
+                      hosts=tuple(h for h, _ in seen))  # fmt: skip
 
 
 def plan(
@@ -157,26 +142,27 @@ def plan(
     by_id = {r.node_id: r for r in reports}
     reasons: dict[CandidateReason, None] = {}
 
-    def refuse(nodes: Sequence[str], reason: str) -> None:
+    def refuse(nodes: Sequence[str], why: Reason) -> None:
         if len(reasons) < MAX_REASONS:
-            reasons[CandidateReason(tuple(nodes), reason)] = None
+            reasons[CandidateReason(tuple(nodes), why)] = None
 
     eligible = sorted(by_id)
     if request.node_filter is not None:
         for n in sorted(request.node_filter - by_id.keys()):
-            refuse((n,), f"node {n} is not alive")
+            refuse((n,), reason("node_not_alive", nodes=(n,)))
         eligible = [n for n in eligible if n in request.node_filter]
     if request.backend == "nccl":  # NCCL runs on CUDA devices only: a CPU-only rank cannot join
         for n in [n for n in eligible if not _has_cuda(by_id[n])]:
-            refuse((n,), f"node {n} has no CUDA GPU (the nccl backend needs one per rank)")
+            refuse((n,), reason("no_cuda", nodes=(n,)))
         eligible = [n for n in eligible if _has_cuda(by_id[n])]
     # more memory first, so the subsets tried under the cap are the likeliest to fit
     eligible.sort(key=lambda n: (-by_id[n].resources.ram_available, n))
     low = max(1, request.min_nodes)
     high = min(len(eligible), request.max_nodes or len(eligible))
     if len(eligible) < low:
-        with_cuda = " with a CUDA GPU" if request.backend == "nccl" else ""
-        refuse(eligible, f"needs >= {low} nodes, {len(eligible)} alive{with_cuda}")
+        cuda = request.backend == "nccl"
+        refuse(eligible, reason("too_few_nodes", nodes=eligible, needed=low,
+                                alive=len(eligible), cuda=cuda))  # fmt: skip
     links = _Links(reports, now)
     for size in range(low, high + 1):
         fits: list[tuple[float, tuple[str, ...], Placement]] = []
@@ -185,8 +171,8 @@ def plan(
             if isinstance(result, Placement):
                 fits.append((result.slowest_hop_ms or 0.0, result.nodes, result))
             else:
-                for reason in result:
-                    refuse(sorted(subset), reason)
+                for why in result:
+                    refuse(sorted(subset), why)
         if fits:
             return min(fits, key=lambda f: (f[0], f[1]))[2]
     return Refusal(tuple(reasons))
@@ -194,18 +180,18 @@ def plan(
 
 def _try(
     req: PlacementRequest, nodes: list[str], by_id: dict[str, NodeReport], links: _Links
-) -> Placement | list[str]:
+) -> Placement | list[Reason]:
     """One node set: a placement, or every reason it cannot host the model."""
     m, n = req.model, len(nodes)
     if req.sharding == "tensor":
-        bad = [f"{v} {k}" for k, v in (("heads", m.num_heads), ("kv heads", m.num_kv_heads),
+        bad = [(k, v) for k, v in (("heads", m.num_heads), ("kv heads", m.num_kv_heads),
                ("hidden size", m.hidden_size)) if v % n]  # fmt: skip
         if bad:
-            return [f"tensor parallel over {n} nodes: {' / '.join(bad)} not divisible by {n}"]
+            return [reason("tensor_indivisible", nodes=nodes, ways=n, indivisible=tuple(bad))]
         shares = {node: (m.num_layers, n) for node in nodes}  # (layers, ways the layers split)
     else:
         if m.num_layers < n:
-            return [f"pipeline over {n} nodes: only {m.num_layers} layers"]
+            return [reason("too_few_layers", nodes=nodes, ways=n, layers=m.num_layers)]
         split = _split(m.num_layers, [_usable(by_id[x], req) for x in nodes])
         shares = {node: (k, 1) for node, k in zip(nodes, split, strict=True)}
     problems = [p for node in nodes if (p := _memory(req, by_id[node], *shares[node]))]
@@ -216,10 +202,10 @@ def _try(
     if store is None:
         problems += [links.missing(x, rank0) for x in others if not links.working(x, rank0)]
         if not any(not links.working(x, rank0) for x in others):
-            problems.append(f"no single address of {rank0} is reachable from all of {others}")
+            problems.append(reason("no_common_address", nodes=(rank0, *others)))
     for a, b in itertools.combinations(nodes, 2):
         if not links.working(a, b) and not links.working(b, a):
-            problems.append(f"no working path between {a} and {b} either way")
+            problems.append(reason("no_path_either_way", nodes=(a, b), path=PathRef(a, b)))
     order, missing = _ring(rank0, others, links)
     if order is None:
         problems += missing
@@ -257,7 +243,7 @@ def _split(layers: int, weights: list[int]) -> list[int]:
     return counts
 
 
-def _memory(req: PlacementRequest, r: NodeReport, layers: int, ways: int) -> str | None:
+def _memory(req: PlacementRequest, r: NodeReport, layers: int, ways: int) -> Reason | None:
     m = req.model
     weights = m.weight_bytes * layers / m.num_layers / ways
     kv = m.kv_bytes_per_token() * req.context_tokens * layers / m.num_layers / ways
@@ -266,8 +252,8 @@ def _memory(req: PlacementRequest, r: NodeReport, layers: int, ways: int) -> str
     if have >= need:
         return None
     g = [x / GIB for x in (have, need, weights, kv, req.headroom_bytes)]
-    return (f"node {r.node_id} has {g[0]:.1f} GiB available, needs {g[1]:.1f} GiB "
-            f"(weights {g[2]:.1f} + KV {g[3]:.1f} + headroom {g[4]:.1f})")  # fmt: skip
+    names = ("have_gib", "need_gib", "weights_gib", "kv_gib", "headroom_gib")
+    return reason("memory", nodes=(r.node_id,), measured=dict(zip(names, g, strict=True)))
 
 
 def _rank0_key(node: str, nodes: list[str], links: _Links) -> tuple[int, float, str]:
@@ -286,7 +272,9 @@ def _store_address(rank0: str, others: list[str], links: _Links) -> str | None:
     return min(common, key=lambda h: (max(rank_key(p[h], links.now) for p in per_node), h))
 
 
-def _ring(rank0: str, others: list[str], links: _Links) -> tuple[list[str] | None, list[str]]:
+def _ring(
+    rank0: str, others: list[str], links: _Links
+) -> tuple[list[str] | None, list[Reason]]:
     """The ring order from rank 0 with the smallest slowest hop, or the hops that are missing."""
     if len(others) < MAX_EXHAUSTIVE:
         orders = (list(p) for p in itertools.permutations(others))
@@ -298,7 +286,7 @@ def _ring(rank0: str, others: list[str], links: _Links) -> tuple[list[str] | Non
             left.remove(order[-1])
         orders = iter([order])
     best: tuple[float, list[str]] | None = None
-    missing: dict[str, None] = {}
+    missing: dict[Reason, None] = {}
     for tail in orders:
         ring = [rank0, *tail]
         hops = list(zip(ring, ring[1:] + ring[:1], strict=True)) if len(ring) > 1 else []

@@ -6,23 +6,25 @@ working, lose at most `max_loss` of its probes and stay under the RTT bound of i
 node (hashing a model, loading torch) answers a few probes late, which moves the EWMA past a
 tight loopback or Thunderbolt bound for seconds but says nothing about the path.
 A failing check names the path, its numbers and a better measured address of the same peer,
-if one passes. Pure.
+if one passes, as fields (schema.reasons renders them). Pure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from shoal.placement.addressing import is_failing, outbound_to
 from shoal.placement.review import used_paths
+from shoal.schema.reasons import PathRef, Reason, reason, render
 from shoal.schema.report import InstanceSpec, InterfaceKind, NodeReport, PathStats
 from shoal.schema.thresholds import Thresholds
 
 
 @dataclass(frozen=True)
 class PathCheck:
-    """One path an instance needs, against the thresholds for its kind."""
+    """One path an instance needs, against the thresholds for its kind: the numbers as fields,
+    `reason` and `better` their sentences (rendered once, for documents and the CLI)."""
 
     src: str
     dst: str
@@ -31,14 +33,50 @@ class PathCheck:
     rtt_ms: float | None
     loss: float
     ok: bool
-    reason: str
-    better: str = ""  # another measured address of dst that would pass, if any
+    code: str = ""  # what misses: probes_unanswered | loss_over | rtt_over_bound | other_side_only
+    bound_ms: float | None = None  # rtt_over_bound: the kind's bound
+    max_loss: float | None = None  # loss_over: the threshold
+    better_host: str = ""  # another measured address of dst that would pass, if any
+    better_kind: str = ""
+    better_rtt_ms: float | None = None
+    reason: str = field(init=False)
+    better: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        problem, alternative = self.problem(), self.alternative()
+        object.__setattr__(self, "reason", render(problem) if problem else "")
+        object.__setattr__(self, "better", render(alternative) if alternative else "")
+
+    @property
+    def path(self) -> PathRef:
+        return PathRef(self.src, self.dst, self.host)
+
+    def problem(self) -> Reason | None:
+        if not self.code:
+            return None
+        numbers = {"rtt_ms": self.rtt_ms, "loss": self.loss, "bound_ms": self.bound_ms,
+                   "max_loss": self.max_loss}  # fmt: skip
+        return reason(self.code, path=self.path, measured=numbers, kind=self.kind)
+
+    def alternative(self) -> Reason | None:
+        if not self.better_host:
+            return None
+        return reason("better_path", path=PathRef(self.src, self.dst, self.better_host),
+                      measured={"rtt_ms": self.better_rtt_ms}, kind=self.better_kind)  # fmt: skip
+
+    def as_reason(self) -> Reason:
+        """The check as data: path, kind, numbers and what misses (describe() renders it)."""
+        return reason("path_check", nodes=(self.src, self.dst), path=self.path,
+                      measured={"rtt_ms": self.rtt_ms, "loss": self.loss},
+                      kind=self.kind, problem=self.problem())  # fmt: skip
+
+    def refusal_reason(self) -> Reason:
+        """Why placement refuses a layout this check fails (with a better path, if measured)."""
+        return reason("preflight", nodes=(self.src, self.dst), path=self.path,
+                      check=self.as_reason(), better=self.alternative())  # fmt: skip
 
     def describe(self) -> str:
-        rtt = "unmeasured" if self.rtt_ms is None else f"RTT {self.rtt_ms:.1f} ms"
-        loss = f"loss {self.loss:.0%}"
-        text = f"{self.src[:8]} -> {self.dst[:8]} at {self.host} ({self.kind}, {rtt}, {loss})"
-        return text + (f": {self.reason}" if self.reason else "")
+        return render(self.as_reason())
 
 
 def check_path(
@@ -50,11 +88,12 @@ def check_path(
 
     def judge(h: str, p: PathStats | None) -> PathCheck:
         if p is None:
-            return PathCheck(src, dst, h, InterfaceKind.OTHER, None, 0.0, True,
-                             "measured from the other side only")  # fmt: skip
-        problem = _problem(p, th)
-        return PathCheck(src, dst, h, str(p.interface_kind), typical_rtt(p), p.loss,
-                         not problem, problem)  # fmt: skip
+            return PathCheck(src, dst, h, InterfaceKind.OTHER, None, 0.0, True, "other_side_only")
+        rtt, kind = typical_rtt(p), str(p.interface_kind)
+        code = _problem(p, th)
+        return PathCheck(src, dst, h, kind, rtt, p.loss, not code, code,
+                         bound_ms=th.bound(kind) if code == "rtt_over_bound" else None,
+                         max_loss=th.max_loss if code == "loss_over" else None)  # fmt: skip
 
     check = judge(host, by_host.get(host))
     if check.ok:
@@ -63,9 +102,8 @@ def check_path(
     passing = sorted((c for c in passing if c.ok and c.rtt_ms is not None), key=lambda c: c.rtt_ms)
     if passing:
         best = passing[0]
-        return PathCheck(
-            **{**check.__dict__, "better": f"{best.host} ({best.kind}, RTT {best.rtt_ms:.1f} ms)"}
-        )
+        return replace(check, better_host=best.host, better_kind=best.kind,
+                       better_rtt_ms=best.rtt_ms)  # fmt: skip
     return check
 
 
@@ -75,14 +113,14 @@ def typical_rtt(p: PathStats) -> float | None:
 
 
 def _problem(p: PathStats, th: Thresholds) -> str:
-    """Why a measured path misses the thresholds; empty when it meets them."""
+    """The code of what a measured path misses of the thresholds; empty when it meets them."""
     rtt, kind = typical_rtt(p), str(p.interface_kind)
     if is_failing(p):
-        return "probes go unanswered"
+        return "probes_unanswered"
     if p.loss > th.max_loss:
-        return f"loss {p.loss:.0%} is over {th.max_loss:.0%}"
+        return "loss_over"
     if rtt is not None and rtt > th.bound(kind):
-        return f"RTT {rtt:.1f} ms is over the {kind} bound {th.bound(kind):g} ms"
+        return "rtt_over_bound"
     return ""
 
 

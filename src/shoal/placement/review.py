@@ -9,7 +9,9 @@ An instance moves (the leader writes a new generation of it) when:
    VPN after a restart finds its cable again (seed 002).
 
 Each move needs a candidate layout; without one the instance stays and the reason becomes an
-alert. Moves for slowness wait COOLDOWN_S after the last placement, so paths cannot flap it.
+alert. Moves for slowness wait COOLDOWN_S after the last placement, so paths cannot flap it;
+a failed runner's instance waits retry_after(failures in a row) after its last placement.
+Verdicts carry their reason as data (schema.reasons).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from shoal.placement.addressing import is_failing, outbound_to
 from shoal.placement.plan import runner_of
+from shoal.schema.reasons import PathRef, Reason, reason, render
 from shoal.schema.report import InstanceSpec, NodeReport, PathStats, RunnerState
 
 SLOWER_FACTOR = 3.0
@@ -44,10 +47,21 @@ class PathState:
 @dataclass(frozen=True)
 class Verdict:
     move: bool
-    reason: str  # empty when all is well
+    why: Reason | None = None  # None when all is well
+
+    @property
+    def reason(self) -> str:
+        """The verdict's sentence; empty when all is well."""
+        return render(self.why) if self.why else ""
 
 
-KEEP = Verdict(False, "")
+KEEP = Verdict(False)
+
+
+def retry_after(failures: int) -> float:
+    """How long a failed runner waits before its instance is placed again: RETRY_AFTER_S,
+    doubling with each failed generation in a row up to MAX_RETRY_AFTER_S."""
+    return min(RETRY_AFTER_S * 2 ** max(0, failures), MAX_RETRY_AFTER_S)
 
 
 def used_paths(instance: InstanceSpec) -> list[UsedPath]:
@@ -107,9 +121,11 @@ def review(
     reports: Sequence[NodeReport],
     runners: Mapping[str, RunnerState],
     now: float,
+    retry_after_s: float = RETRY_AFTER_S,
 ) -> Verdict:
+    """retry_after_s: how long after placing a failed runner's instance may be placed again."""
     by_id = {r.node_id: r for r in reports}
-    problem = _broken(instance, by_id, runners, now)
+    problem = _broken(instance, by_id, runners, now, retry_after_s)
     if problem:
         return Verdict(candidate is not None, problem)
     if candidate is None or _same_layout(instance, candidate):
@@ -119,12 +135,9 @@ def review(
     current, path = slowest(by_id, instance)
     best, _ = slowest(by_id, candidate)
     if path is not None and current > SLOWER_FACTOR * best and current > best + SLOWER_MARGIN_MS:
-        return Verdict(
-            True,
-            f"path {path.src[:8]} -> {path.dst[:8]} at {path.host} now takes "
-            f"{current:.1f} ms; a layout whose slowest path takes {best:.1f} ms "
-            "is available",
-        )
+        measured = {"current_ms": current, "best_ms": best}
+        return Verdict(True, reason("path_slower", nodes=(path.src, path.dst),
+                                    path=_ref(path), measured=measured))  # fmt: skip
     return KEEP
 
 
@@ -133,22 +146,28 @@ def _broken(
     by_id: Mapping[str, NodeReport],
     runners: Mapping[str, RunnerState],
     now: float,
-) -> str:
+    retry_after_s: float,
+) -> Reason | None:
     gone = [n for n in instance.nodes if n not in by_id]
     if gone:
-        return f"node {', '.join(g[:8] for g in gone)} is gone"
+        return reason("node_gone", nodes=gone)
     for rank in range(len(instance.nodes)):
         state = runners.get(runner_of(instance, rank))
         if (
             state is not None
             and state.status == "failed"
-            and now - instance.created_at >= RETRY_AFTER_S
+            and now - instance.created_at >= retry_after_s
         ):
-            return f"rank {rank} failed: {state.reason or 'no reason given'}"
+            return reason("rank_failed", nodes=(instance.nodes[rank],), rank=rank,
+                          detail=state.reason or "no reason given")  # fmt: skip
     for path in used_paths(instance):
         if path_state(by_id, path).failing:
-            return f"path {path.src[:8]} -> {path.dst[:8]} at {path.host} is down"
-    return ""
+            return reason("path_down", nodes=(path.src, path.dst), path=_ref(path))
+    return None
+
+
+def _ref(path: UsedPath) -> PathRef:
+    return PathRef(path.src, path.dst, path.host)
 
 
 def _same_layout(a: InstanceSpec, b: InstanceSpec) -> bool:

@@ -2,7 +2,7 @@
 // as placed, failed runners, refused nodes, drift), hints worth acting on, and what happened
 // across the cluster (degradations, failovers, crashes, refusals, nodes joining and leaving).
 
-import { api, badge, clock, fill, h, named, nameOf } from "../util.js";
+import { api, badge, clock, fill, h, nameOf, said } from "../util.js";
 
 const HISTORY_EVERY_MS = 2000; // every node is asked: a little slower than the state poll
 let root, now, hints, history, fetchedAt = 0, events = [], historyError = "";
@@ -17,7 +17,7 @@ export function mount(el) {
 
 export function update(state) {
   const current = [
-    ...(state.alerts || []).map((a) => ({ status: a.status, text: a.message })),
+    ...(state.alerts || []).map((a) => ({ status: a.status, text: said(state, a.parts, a.message) })),
     ...(state.drift || []).map((d) => ({ status: "degraded", text: `drift: ${d}` })),
     ...(state.refused || []).map((r) => ({
       status: "down", text: `refused node ${r.name || r.node_id}: ${r.reason} (${r.count}×)` })),
@@ -26,7 +26,7 @@ export function update(state) {
   count.hidden = !current.length;
   count.textContent = current.length;
   fill(now, current.length
-    ? current.map((a) => h("div", { class: `alert ${a.status}` }, badge(a.status), " ", named(state, a.text)))
+    ? current.map((a) => h("div", { class: `alert ${a.status}` }, badge(a.status), " ", a.text))
     : h("div", { class: "empty" }, "Nothing is wrong."));
   fill(hints, (state.hints || []).map((x) => h("div", { class: "hint" },
     h("strong", {}, `${nameOf(state, x.node)} ${x.interface}: `), x.message)));
@@ -53,7 +53,7 @@ function renderHistory(state) {
       h("td", { class: "when", title: "the node that recorded it" },
         e.recorded_by ? `seen by ${nameOf(state, e.recorded_by)}` : ""),
       h("td", {}, badge(statusOf(e.kind), e.kind)),
-      h("td", {}, named(state, e.message)))))));
+      h("td", {}, said(state, e.parts, e.message)))))));
 }
 
 function statusOf(kind) {

@@ -2,7 +2,7 @@
 // and the create flow: pick a model, see every layout placement would choose or why it can't,
 // launch one. Delete from the list.
 
-import { api, badge, fill, h, named, nameOf } from "../util.js";
+import { api, badge, fill, h, nameOf, said } from "../util.js";
 
 let list, picker, previewsEl, messageEl, ctx;
 let heldModels = "";
@@ -61,7 +61,7 @@ function instanceCard(state, iid, doc) {
     h("div", { class: "row" }, "Live: ", h("span", { class: "tok-s" },
       rate ? `${rate.toFixed(1)} tok/s` : "idle"),
       rank0?.tokens ? ` · ${rank0.tokens} tokens generated` : ""),
-    body.placedBecause ? h("div", { class: "row" }, `Placed because: ${named(state, body.placedBecause)}`) : null,
+    body.placedBecause ? h("div", { class: "row" }, `Placed because: ${said(state, body.placedBecauseParts, body.placedBecause)}`) : null,
     h("table", {},
       h("thead", {}, h("tr", {}, ["Rank", "Node", "Layers", "Interface", "Address", "Runner"].map((t) => h("th", {}, t)))),
       h("tbody", {}, ranks.map((r) => h("tr", { class: "rank" },
@@ -71,7 +71,7 @@ function instanceCard(state, iid, doc) {
         h("td", { class: "mono" }, body.rankInterfaces?.[r.node] || "–"),
         h("td", { class: "mono" }, (body.hostsByNode[r.node] || []).map((x) => x.ip).join(", ")),
         h("td", { title: r.status.reason || "" }, badge(r.status.status || "pending"),
-          r.status.reason ? h("span", { class: "dim" }, ` ${named(state, r.status.reason)}`) : null))))));
+          r.status.reason ? h("span", { class: "dim" }, ` ${r.status.reason}`) : null))))));
 }
 
 /** "0–14 (15 of 30)": the shard's end layer is exclusive, the text is not. */
@@ -97,7 +97,7 @@ function previewCard(p) {
   const title = `${p.sharding} · ${p.instance_meta.replace("Instance", "")} · ${p.min_nodes} node(s)`;
   if (!p.instance) {
     return h("div", { class: "card preview refused" }, h("div", { class: "title" }, title, badge("refused", "impossible")),
-      h("div", { class: "reason" }, named(state, p.error)));
+      h("div", { class: "reason" }, said(state, p.error_parts, p.error)));
   }
   const body = Object.values(p.instance)[0];
   const layout = Object.entries(body.nodeToRunner).map(([node, rid]) => {

@@ -1,0 +1,117 @@
+"""One node's client for everything node-to-node: report polls, goodbyes, leader forwarding,
+the token relay, manifest and history fan-out.
+
+One pooled httpx.AsyncClient (connections to a peer are kept and reused, never one client per
+request), and per peer every address it may be reached at, ranked the way placement ranks paths
+(placement.addressing: measured usable, RTT, interface kind, preferred subnet, address class)
+from this node's own probe records, never "the first address that answered" (seed 002). The
+address that answered last only breaks ties between equally ranked ones, e.g. before any probe
+has been answered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final
+
+import httpx
+
+from shoal.placement.addressing import PathOption, options_to, rank_key
+from shoal.schema.address import base_url
+from shoal.schema.report import PathStats
+
+# Polls and goodbyes must be quick; a call that waits on a model (a relayed answer, a hashing
+# manifest) passes its own timeout.
+DEFAULT_TIMEOUT: Final = httpx.Timeout(1.0, connect=0.5)
+POOL_LIMITS: Final = httpx.Limits(max_connections=256, max_keepalive_connections=32)
+
+Address = tuple[str, int]  # host (no brackets), port
+
+
+def rank_addresses(
+    known: Iterable[Address],
+    peer_id: str,
+    links: Sequence[PathStats],
+    now: float,
+    answered: Address | None = None,
+) -> list[Address]:
+    """The known addresses of a peer, best first: by placement's path ranking over this node's
+    outbound records to it; the address that answered last breaks ties; then by address."""
+    measured = {o.peer_addr: o for o in options_to(peer_id, links)}
+
+    def key(address: Address) -> tuple[Any, ...]:
+        option = measured.get(address[0], PathOption(peer_addr=address[0]))
+        return (*rank_key(option, now), address != answered, address)
+
+    return sorted(set(known), key=key)
+
+
+class PeerUnknown(Exception):
+    """No address is known for the node."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(f"no known address for node {node_id}")
+        self.node_id = node_id
+
+
+class PeerClient:
+    """Where each peer is reached, and the one pool every call to a peer goes through."""
+
+    def __init__(
+        self,
+        links: Callable[[], Sequence[PathStats]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._links = links  # this node's own path records (the prober's snapshot)
+        self._clock = clock
+        self._known: dict[str, set[Address]] = {}
+        self._answered: dict[str, Address] = {}
+        self.http = httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, limits=POOL_LIMITS)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # -- addresses -----------------------------------------------------------------------
+
+    def learn(self, node_id: str, addresses: Iterable[Address]) -> None:
+        self._known.setdefault(node_id, set()).update(addresses)
+
+    def answered(self, node_id: str, address: Address) -> None:
+        """That address answered as that node (a report poll): a tiebreak, not a ranking."""
+        self.learn(node_id, [address])
+        self._answered[node_id] = address
+
+    def peers(self) -> list[str]:
+        return sorted(self._known)
+
+    def hosts(self, node_id: str) -> list[str]:
+        return sorted({host for host, _ in self._known.get(node_id, ())})
+
+    def addresses(self, node_id: str) -> list[Address]:
+        """Every known address of the peer, best first."""
+        known = self._known.get(node_id, ())
+        answered = self._answered.get(node_id)
+        return rank_addresses(known, node_id, self._links(), self._clock(), answered)
+
+    def best(self, node_id: str) -> Address | None:
+        ranked = self.addresses(node_id)
+        return ranked[0] if ranked else None
+
+    def url(self, node_id: str, path: str = "") -> str:
+        best = self.best(node_id)
+        if best is None:
+            raise PeerUnknown(node_id)
+        return base_url(*best) + path
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def request(self, node_id: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One call to the node at its best address; httpx errors pass through."""
+        return await self.http.request(method, self.url(node_id, path), **kwargs)
+
+    async def get(self, node_id: str, path: str, **kwargs: Any) -> httpx.Response:
+        return await self.request(node_id, "GET", path, **kwargs)
+
+    async def post(self, node_id: str, path: str, **kwargs: Any) -> httpx.Response:
+        return await self.request(node_id, "POST", path, **kwargs)

@@ -1,0 +1,43 @@
+"""host:port, the one parser: '10.0.0.2:52415', '[fe80::1%en5]:52415', a bare host.
+
+Every node-to-node address in shoal is written `host:port` with IPv6 hosts in brackets (the
+reports' `addresses`, an instance's store address, the prober's peer_addr); URLs put the same
+bracketed host after `http://`.
+"""
+
+from __future__ import annotations
+
+
+def split_host_port(address: str, default_port: int | None = None) -> tuple[str, int | None]:
+    """'[::1]:80' -> ('::1', 80); '10.0.0.2' -> ('10.0.0.2', default_port); a bare IPv6
+    address (colons, no brackets) is a host without a port."""
+    address = address.strip()
+    if address.startswith("["):
+        end = address.find("]")
+        if end < 0:
+            return address, default_port
+        rest = address[end + 1 :]
+        port = rest[1:] if rest.startswith(":") else ""
+        return address[1:end], int(port) if port.isdigit() else default_port
+    host, sep, port = address.rpartition(":")
+    if not sep or ":" in host or not port.isdigit():
+        return address, default_port
+    return host, int(port)
+
+
+def host_of(address: str) -> str:
+    """The host part of 'host:port' (brackets removed)."""
+    return split_host_port(address)[0]
+
+
+def url_host(host: str) -> str:
+    """A host as it goes into a URL or a 'host:port': IPv6 in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"{url_host(host)}:{port}"
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://{join_host_port(host, port)}"
