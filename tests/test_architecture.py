@@ -7,6 +7,10 @@ import hides a circle from Python, not from the reader).
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import re
+import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,3 +122,44 @@ def test_no_source_file_is_over_500_lines():
     lines = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in MODULES.values()}
     long = {path: n for path, n in lines.items() if n > MAX_LINES}
     assert not long, f"split these (one concern per module): {long}"
+
+
+def third_party_imports(path: Path) -> Iterator[str]:
+    """The top-level names of the non-shoal, non-stdlib modules `path` imports."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.partition(".")[0]
+            if top != "shoal" and top not in sys.stdlib_module_names:
+                yield top
+
+
+def declared_distributions() -> set[str]:
+    project = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        requirements += extra
+    return {canonical(re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]) for r in requirements}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_dependency_is_declared_in_pyproject():
+    """An import that works only because another package pulled it in breaks on its next
+    release (httpx2 came with huggingface_hub): every one is named in pyproject.toml."""
+    providers = importlib.metadata.packages_distributions()
+    declared = declared_distributions()
+    missing = {}
+    for module, path in MODULES.items():
+        for top in third_party_imports(path):
+            dists = {canonical(d) for d in providers.get(top, [top])}
+            if not dists & declared:
+                missing.setdefault(top, []).append(module)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
