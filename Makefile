@@ -34,6 +34,7 @@ test: $(VENV)/.test-deps
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/decode_vs_transformers.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/serving_path.py
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check src tests bench
