@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from shoal.cluster.peers import PeerClient, PeerUnknown, rank_addresses
+from shoal.schema import address
 from shoal.schema.address import base_url, host_of, join_host_port, split_host_port
 from shoal.schema.report import InterfaceKind, PathStats
 
@@ -175,3 +176,22 @@ def test_a_call_goes_to_the_best_measured_address_over_one_pool(two_listeners: i
             await peers.aclose()
 
     assert asyncio.run(go()) == ["127.0.0.3"] * 3
+
+
+@pytest.mark.parametrize(
+    ("host", "addresses", "expected"),
+    [
+        ("10.0.0.2", [("en0", "10.0.0.2/24")], "en0"),
+        ("127.0.0.2", [("lo", "127.0.0.1/8")], "lo"),
+        ("10.1.2.3", [("wide", "10.0.0.1/8"), ("narrow", "10.1.2.1/24")], "narrow"),
+        ("10.1.2.3", [("narrow", "10.1.2.1/24"), ("wide", "10.0.0.1/8")], "narrow"),
+        ("10.1.2.3", [("subnet", "10.1.2.1/24"), ("exact", "10.1.2.3/32")], "exact"),
+        ("fe80::1%en5", [("en5", "fe80::1/64")], "en5"),
+        ("::1", [("lo", "127.0.0.1/8")], None),
+        ("192.168.1.9", [("en0", "10.0.0.2/24")], None),
+        ("not-an-ip", [("en0", "10.0.0.2/24")], None),
+        ("10.0.0.9", [("bad", "garbage"), ("en0", "10.0.0.2/24")], "en0"),
+    ],
+)  # fmt: skip
+def test_interface_holding(host: str, addresses: list, expected: str | None) -> None:
+    assert address.interface_holding(host, addresses) == expected

@@ -26,6 +26,7 @@ from typing import Any
 
 import psutil
 
+from shoal.schema.address import interface_holding
 from shoal.schema.report import InterfaceKind
 
 WIRE_VERSION = 1
@@ -155,17 +156,8 @@ def read_local_addresses() -> list[LocalAddress]:
 
 
 def interface_for(host: str, local: Sequence[LocalAddress]) -> str | None:
-    """The interface holding `host`: an exact address, else the narrowest subnet containing it
-    (127.0.0.2 lives on lo through 127.0.0.1/8)."""
-    try:
-        ip = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return None
-    exact = [a.interface for a in local if a.ip == ip]
-    if exact:
-        return exact[0]
-    holders = [a for a in local if a.ip.version == ip.version and ip in a.network]
-    return max(holders, key=lambda a: a.network.prefixlen).interface if holders else None
+    """The interface of this machine holding `host` (schema.address.interface_holding)."""
+    return interface_holding(host, ((a.interface, f"{a.ip}/{a.network.prefixlen}") for a in local))
 
 
 def source_address(bind_host: str, host: str, port: int) -> str | None:

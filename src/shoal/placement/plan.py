@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from shoal.placement.planner import CandidateReason, ModelSpec, Placement, PlacementRequest
+from shoal.schema.address import interface_holding
 from shoal.schema.reasons import reason
 from shoal.schema.report import (
     AutoPlace,
@@ -198,20 +198,10 @@ def store_port(instance_id: str, generation: int = 0) -> int:
 
 
 def interface_for(report: NodeReport | None, host: str) -> str | None:
-    """The interface of a node that holds an address: exact match first, then its subnet."""
+    """The interface of a node that holds an address (schema.address.interface_holding)."""
     if report is None:
         return None
-    try:
-        ip = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return None
-    for exact in (True, False):
-        for info in report.interfaces:
-            for cidr in info.addresses:
-                iface = ipaddress.ip_interface(cidr)
-                if (iface.ip == ip) if exact else (ip in iface.network):
-                    return info.name
-    return None
+    return interface_holding(host, ((i.name, c) for i in report.interfaces for c in i.addresses))
 
 
 def instance_from_placement(

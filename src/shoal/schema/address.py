@@ -1,4 +1,5 @@
-"""host:port, the one parser: '10.0.0.2:52415', '[fe80::1%en5]:52415', a bare host.
+"""host:port, the one parser ('10.0.0.2:52415', '[fe80::1%en5]:52415', a bare host), and which
+interface holds an address.
 
 Every node-to-node address in shoal is written `host:port` with IPv6 hosts in brackets (the
 reports' `addresses`, an instance's store address, the prober's peer_addr); URLs put the same
@@ -6,6 +7,9 @@ bracketed host after `http://`.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
 
 
 def split_host_port(address: str, default_port: int | None = None) -> tuple[str, int | None]:
@@ -41,3 +45,25 @@ def join_host_port(host: str, port: int) -> str:
 
 def base_url(host: str, port: int) -> str:
     return f"http://{join_host_port(host, port)}"
+
+
+def interface_holding(host: str, addresses: Iterable[tuple[str, str]]) -> str | None:
+    """The interface holding `host` among (interface, "ip/prefix") pairs: an exact address
+    first, else the narrowest subnet containing it (127.0.0.2 lives on lo through 127.0.0.1/8).
+    One rule for this machine's own addresses (probes) and for a peer's report (placement)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+    best: tuple[int, str] | None = None
+    for name, cidr in addresses:
+        try:
+            iface = ipaddress.ip_interface(cidr)
+        except ValueError:
+            continue
+        if iface.ip == ip:
+            return name
+        if iface.version == ip.version and ip in iface.network:
+            if best is None or iface.network.prefixlen > best[0]:
+                best = (iface.network.prefixlen, name)
+    return best[1] if best else None
