@@ -94,15 +94,8 @@ def test_render_explains_each_hop_of_an_instance():
 
 
 def test_models_show_who_holds_them_whether_files_agree_and_pulls() -> None:
-    held = {
-        "model_id": "org/m",
-        "num_layers": 2,
-        "hidden_size": 8,
-        "num_heads": 2,
-        "num_kv_heads": 2,
-        "head_dim": 4,
-        "weight_bytes": 1,
-    }
+    held = {"model_id": "org/m", "num_layers": 2, "hidden_size": 8, "num_heads": 2,
+            "num_kv_heads": 2, "head_dim": 4, "weight_bytes": 1}
     nodes = [
         {"node_id": "aaaa1111", "name": "a", "models": [{**held, "files_digest": "x"}],
          "store": {"downloads": [{"model_id": "org/new", "status": "downloading",

@@ -72,40 +72,19 @@ TS, CABLE, WIFI = "100.64.0.2", "192.168.100.2", "10.0.0.2"
     ("links", "answered", "best"),
     [
         # seed 002: Tailscale answered first after a restart; the measured cable still wins
-        (
-            [
-                outbound(TS, InterfaceKind.VPN, 45.0, 1),
-                outbound(CABLE, InterfaceKind.THUNDERBOLT, 0.4, 1),
-            ],
-            TS,
-            CABLE,
-        ),  # fmt: skip
+        ([outbound(TS, InterfaceKind.VPN, 45.0, 1), outbound(CABLE, InterfaceKind.THUNDERBOLT,
+          0.4, 1)], TS, CABLE),  # fmt: skip
         # nothing measured yet: the subnet and address class decide, not who answered
         ([], TS, CABLE),
         # the cable's probes stopped answering long ago: the working path wins
-        (
-            [
-                outbound(TS, InterfaceKind.VPN, 45.0, 1),
-                outbound(CABLE, InterfaceKind.THUNDERBOLT, 0.4, 60),
-            ],
-            CABLE,
-            TS,
-        ),  # fmt: skip
+        ([outbound(TS, InterfaceKind.VPN, 45.0, 1), outbound(CABLE, InterfaceKind.THUNDERBOLT,
+          0.4, 60)], CABLE, TS),  # fmt: skip
         # wifi and cable both usable, same RTT bucket: the interface kind decides
-        (
-            [
-                outbound(WIFI, InterfaceKind.WIFI, 2.0, 1),
-                outbound(CABLE, InterfaceKind.ETHERNET, 2.5, 1),
-            ],
-            WIFI,
-            CABLE,
-        ),  # fmt: skip
+        ([outbound(WIFI, InterfaceKind.WIFI, 2.0, 1), outbound(CABLE, InterfaceKind.ETHERNET,
+          2.5, 1)], WIFI, CABLE),  # fmt: skip
         # a record for another peer says nothing about this one
-        (
-            [outbound(TS, InterfaceKind.VPN, 45.0, 1).model_copy(update={"peer_node_id": "c"})],
-            TS,
-            CABLE,
-        ),  # fmt: skip
+        ([outbound(TS, InterfaceKind.VPN, 45.0, 1).model_copy(update={"peer_node_id": "c"})],
+         TS, CABLE),  # fmt: skip
     ],
 )
 def test_rank_addresses(links: list[PathStats], answered: str, best: str) -> None:

@@ -212,8 +212,8 @@ class ManifestsDocument(Document):
         out: dict[str, Manifest | str] = {}
         for entry in self.nodes:
             name = entry.name or entry.node_id or "?"
-            out[name] = (
-                entry.manifest if entry.manifest is not None else (entry.error or "no manifest")
+            out[name] = entry.manifest if entry.manifest is not None else (
+                entry.error or "no manifest"
             )
         return out
 

@@ -174,14 +174,8 @@ def files_agree(held: Mapping[str, HeldModel]) -> tuple[set[str], list[Candidate
     reasons = [
         CandidateReason(
             (n,),
-            reason(
-                "files_differ",
-                nodes=(n,),
-                model=m.model_id,
-                agreeing=len(allowed),
-                digest=m.files_digest,
-                majority=majority,
-            ),  # fmt: skip
+            reason("files_differ", nodes=(n,), model=m.model_id, agreeing=len(allowed),
+                   digest=m.files_digest, majority=majority),  # fmt: skip
         )
         for n, m in sorted(held.items())
         if n not in allowed

@@ -272,7 +272,9 @@ def _store_address(rank0: str, others: list[str], links: _Links) -> str | None:
     return min(common, key=lambda h: (max(rank_key(p[h], links.now) for p in per_node), h))
 
 
-def _ring(rank0: str, others: list[str], links: _Links) -> tuple[list[str] | None, list[Reason]]:
+def _ring(
+    rank0: str, others: list[str], links: _Links
+) -> tuple[list[str] | None, list[Reason]]:
     """The ring order from rank 0 with the smallest slowest hop, or the hops that are missing."""
     if len(others) < MAX_EXHAUSTIVE:
         orders = (list(p) for p in itertools.permutations(others))

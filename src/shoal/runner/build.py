@@ -92,3 +92,5 @@ def build_follower(
         max_seq_len=context_length(config, spec.max_seq_len),
         stop_grace_s=spec.heartbeat_s + 1.0,
     )
+
+
