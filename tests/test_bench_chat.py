@@ -25,9 +25,9 @@ import httpx
 import pytest
 
 from shoal.ops import bench, bench_report, chat
-from shoal.ops.api_documents import StateDocument
 from shoal.ops.bench_report import Calibration, Cell, RequestResult
 from shoal.ops.client import AsyncApiClient
+from shoal.schema.documents import StateDocument
 
 # ---- chat: pure helpers ----------------------------------------------------------------------
 

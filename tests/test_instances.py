@@ -19,7 +19,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from documents import undeclared
 from openai import OpenAI
+
+from shoal.schema.documents import StateDocument
 
 from waiting import wait_for
 
@@ -204,6 +207,7 @@ def test_audit_endpoint_runs_the_checks_over_every_nodes_manifest(pair: Pair) ->
 def test_state_carries_models_paths_hints_and_membership(pair: Pair) -> None:
     state = pair.json("a", "/state")
     assert state is not None
+    assert undeclared(StateDocument.model_validate(state)) == []  # its type declares it all
     ids = {n["name"]: n["node_id"] for n in state["nodes"]}
     assert state["hints"] == []  # no Thunderbolt on loopback
     assert isinstance(state["instance_paths"], dict)

@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest
+from documents import undeclared
+from pydantic import BaseModel
 
 from shoal.cluster.view import (
     ClusterView,
@@ -20,6 +22,7 @@ from shoal.cluster.view import (
     nodes_document,
     state_document,
 )
+from shoal.schema.documents import LinksDocument, NodesDocument, StateDocument
 from shoal.schema.report import InterfaceInfo, InterfaceKind, NodeReport, PathStats, Resources
 
 NS = "ns-ours"
@@ -455,3 +458,21 @@ def test_nodes_and_links_documents_match_state() -> None:
     row = links["links"][0]
     assert (row["from_node"], row["to_node"], row["interface_kind"]) == ("a", "b", "ethernet")
     assert row["rtt_ms_ewma"] == 0.4 and row["local_interface"] is None
+
+
+@pytest.mark.parametrize(
+    ("build", "document"),
+    [(state_document, StateDocument), (nodes_document, NodesDocument),
+     (links_document, LinksDocument)],
+)  # fmt: skip
+def test_typed_documents_declare_every_field_and_serve_the_same_json(
+    build: Any, document: type[BaseModel]
+) -> None:
+    tb = InterfaceInfo(name="en2", kind=InterfaceKind.THUNDERBOLT, addresses=("10.0.0.1/30",))
+    me = report("a", boot="boot-a", interfaces=(tb,), links=(path("b", "10.0.0.2", "10.0.0.1"),))
+    view = view_of(report("b", joined_at=5.0, links=(path("a", "10.0.0.1", "10.0.0.2"),)))
+    view.accept(report("zz", boot="x", protocol=99), T0)  # a refused peer
+    raw = json.loads(json.dumps(build(view, me, T0)))
+    typed = document.model_validate(raw)
+    assert undeclared(typed) == []
+    assert typed.model_dump(mode="json", by_alias=True) == raw

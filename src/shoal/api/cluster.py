@@ -19,6 +19,13 @@ from shoal.cluster.hints import rdma_hints
 from shoal.cluster.service import ClusterService
 from shoal.cluster.view import links_document, nodes_document, state_document
 from shoal.placement.review import used_path_rows
+from shoal.schema.documents import (
+    AlertsDocument,
+    HistoryDocument,
+    LinksDocument,
+    NodesDocument,
+    StateDocument,
+)
 from shoal.schema.reasons import event_fields, render
 from shoal.web.errors import ApiError
 
@@ -64,7 +71,7 @@ async def goodbye(body: Goodbye, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/state")
+@router.get("/state", response_model=StateDocument)
 async def state(request: Request) -> dict[str, Any]:
     cluster = _cluster(request)
     document = state_document(cluster.view, cluster.report, time.time())
@@ -96,19 +103,19 @@ async def state(request: Request) -> dict[str, Any]:
     return document
 
 
-@router.get("/cluster/nodes")
+@router.get("/cluster/nodes", response_model=NodesDocument)
 async def nodes(request: Request) -> dict[str, Any]:
     cluster = _cluster(request)
     return nodes_document(cluster.view, cluster.report, time.time())
 
 
-@router.get("/cluster/links")
+@router.get("/cluster/links", response_model=LinksDocument)
 async def links(request: Request) -> dict[str, Any]:
     cluster = _cluster(request)
     return links_document(cluster.view, cluster.report, time.time())
 
 
-@router.get("/cluster/alerts")
+@router.get("/cluster/alerts", response_model=AlertsDocument)
 async def alerts(request: Request) -> dict[str, Any]:
     """What is wrong now (paths degraded or down, instances that cannot serve as placed) and
     this node's recent history of crashes, failovers and degradations."""
@@ -121,7 +128,7 @@ async def alerts(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/cluster/history")
+@router.get("/cluster/history", response_model=HistoryDocument)
 async def history(request: Request, limit: int = Query(200, ge=1, le=1000)) -> dict[str, Any]:
     """Every alive node's recent events (each node's GET /cluster/alerts), as one history,
     oldest first, each event marked with the node that recorded it."""

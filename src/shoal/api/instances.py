@@ -25,6 +25,8 @@ from shoal.placement.plan import (
     parse_sharding,
 )
 from shoal.placement.planner import Refusal
+from shoal.schema.documents import PreflightDocument, PreviewsDocument
+from shoal.schema.exo import InstanceDocument
 from shoal.schema.report import InstanceSpec
 from shoal.web.errors import ApiError, invalid_request
 
@@ -102,12 +104,12 @@ def _layout(controller: Controller, ask: PlaceAsk, preflight_checks: bool) -> In
     return result
 
 
-@router.get("/instance/placement")
+@router.get("/instance/placement", response_model=InstanceDocument)
 async def placement(request: Request, ask: AskQuery) -> dict[str, Any]:
     return instance_document(_layout(_controller(request), ask, preflight_checks=True))
 
 
-@router.get("/instance/preflight")
+@router.get("/instance/preflight", response_model=PreflightDocument)
 async def preflight(request: Request, ask: AskQuery) -> dict[str, Any]:
     """The paths the layout placement would choose needs, each against its thresholds."""
     controller = _controller(request)
@@ -120,7 +122,7 @@ async def preflight(request: Request, ask: AskQuery) -> dict[str, Any]:
     }
 
 
-@router.get("/instance/previews")
+@router.get("/instance/previews", response_model=PreviewsDocument)
 async def previews(
     request: Request, model_id: str = Query(...), node_ids: str | None = Query(None)
 ) -> dict[str, Any]:
@@ -165,7 +167,7 @@ async def create_instance(body: CreateInstance, request: Request) -> Response:
     return _command(result.instance_id)
 
 
-@router.get("/instance/{instance_id}")
+@router.get("/instance/{instance_id}", response_model=InstanceDocument)
 async def get_instance(instance_id: str, request: Request) -> dict[str, Any]:
     controller = _controller(request)
     instance = controller.instance(instance_id)

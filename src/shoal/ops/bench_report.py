@@ -14,9 +14,9 @@ from typing import Any, Final
 
 import httpx
 
-from shoal.ops.api_documents import StateDocument
 from shoal.ops.chat import decode_rate
 from shoal.ops.client import api_base
+from shoal.schema.documents import StateDocument
 
 # Word pool for synthetic prompts: common, short words that most tokenizers keep whole.
 WORDS: Final = (

@@ -19,19 +19,18 @@ import httpx
 from httpx_sse import EventSource, ServerSentEvent
 from pydantic import BaseModel
 
-from shoal.ops.api_documents import (
+from shoal.ops.api_documents import ManifestsDocument
+from shoal.schema.documents import (
     ChatReply,
     CompletionReply,
     CreatedInstance,
-    InstanceBody,
-    ManifestsDocument,
     ModelList,
     NodesDocument,
     Reach,
     StateDocument,
     StoreDocument,
-    instance_body,
 )
+from shoal.schema.exo import InstanceBody, instance_body
 from shoal.schema.report import StoreState
 
 DEFAULT_API: Final = "http://127.0.0.1:52415"

@@ -18,6 +18,14 @@ from typing import Any
 
 from shoal.placement.planner import CandidateReason, ModelSpec, Placement, PlacementRequest
 from shoal.schema.address import interface_holding
+from shoal.schema.exo import (
+    SHARD_META,
+    HostPort,
+    InstanceBody,
+    RunnerStatus,
+    ShardMetadata,
+    posted_choices,
+)
 from shoal.schema.reasons import reason
 from shoal.schema.report import (
     AutoPlace,
@@ -38,7 +46,6 @@ META_BACKEND = {
     "mlxjacclinstance": "nccl",
 }
 META_NAME = {"gloo": "GlooInstance", "nccl": "NcclInstance"}
-SHARD_META = {"pipeline": "PipelineShardMetadata", "tensor": "TensorShardMetadata"}
 STORE_PORTS = (41000, 48999)  # TCPStore ports, picked per instance id
 
 
@@ -174,8 +181,14 @@ def files_agree(held: Mapping[str, HeldModel]) -> tuple[set[str], list[Candidate
     reasons = [
         CandidateReason(
             (n,),
-            reason("files_differ", nodes=(n,), model=m.model_id, agreeing=len(allowed),
-                   digest=m.files_digest, majority=majority),  # fmt: skip
+            reason(
+                "files_differ",
+                nodes=(n,),
+                model=m.model_id,
+                agreeing=len(allowed),
+                digest=m.files_digest,
+                majority=majority,
+            ),  # fmt: skip
         )
         for n, m in sorted(held.items())
         if n not in allowed
@@ -236,7 +249,8 @@ def instance_from_placement(
 def instance_document(
     instance: InstanceSpec, runners: Mapping[str, RunnerState] | None = None
 ) -> dict[str, Any]:
-    """{meta: {...}}: an instance as /instance/placement, /instance/{id} and /state show it."""
+    """{meta: {...}}: an instance as /instance/placement, /instance/{id} and /state show it
+    (exo's camelCase shape, `schema.exo.InstanceBody`)."""
     runners = runners or {}
     world = len(instance.nodes)
     num_layers = max((end for _, end in instance.layer_ranges), default=0)
@@ -245,39 +259,34 @@ def instance_document(
         rid = runner_of(instance, rank)
         start, end = instance.layer_ranges[rank]
         node_to_runner[node] = rid
-        runner_to_shard[rid] = {
-            SHARD_META[instance.sharding]: {
-                "modelId": instance.model_id,
-                "deviceRank": rank,
-                "worldSize": world,
-                "startLayer": start,
-                "endLayer": end,
-                "nLayers": num_layers,
-            }
-        }
+        shard = ShardMetadata(
+            model_id=instance.model_id, device_rank=rank, world_size=world,
+            start_layer=start, end_layer=end, n_layers=num_layers,
+        )  # fmt: skip
+        runner_to_shard[rid] = {SHARD_META[instance.sharding]: shard}
         held = runners.get(rid)
-        status[rid] = {
-            "status": held.status if held else "pending",
-            "reason": held.reason if held else None,
-            "since": held.since if held else None,
-        }
-        hosts[node] = [{"ip": instance.rank_addresses[rank], "port": instance.store_port}]
-    body = {
-        "instanceId": instance.instance_id,
-        "modelId": instance.model_id,
-        "sharding": instance.sharding.capitalize(),
-        "backend": instance.backend,
-        "nodeToRunner": node_to_runner,
-        "runnerToShard": runner_to_shard,
-        "hostsByNode": hosts,
-        "storeAddress": f"{instance.store_address}:{instance.store_port}",
-        "rankInterfaces": dict(zip(instance.nodes, instance.rank_interfaces, strict=False)),
-        "runnerStatus": status,
-        "createdAt": instance.created_at,
-        "generation": instance.generation,
-        "placedBecause": instance.reason,
-    }
-    return {instance.meta: body}
+        status[rid] = (
+            RunnerStatus(status=held.status, reason=held.reason, since=held.since)
+            if held
+            else RunnerStatus(status="pending")
+        )
+        hosts[node] = (HostPort(ip=instance.rank_addresses[rank], port=instance.store_port),)
+    body = InstanceBody(
+        instance_id=instance.instance_id,
+        model_id=instance.model_id,
+        sharding=instance.sharding.capitalize(),
+        backend=instance.backend,
+        node_to_runner=node_to_runner,
+        runner_to_shard=runner_to_shard,
+        hosts_by_node=hosts,
+        store_address=f"{instance.store_address}:{instance.store_port}",
+        rank_interfaces=dict(zip(instance.nodes, instance.rank_interfaces, strict=False)),
+        runner_status=status,
+        created_at=instance.created_at,
+        generation=instance.generation,
+        placed_because=instance.reason,
+    )
+    return {instance.meta: body.wire()}
 
 
 def parse_instance_document(doc: Any) -> tuple[str, str, str, list[str]]:
@@ -286,43 +295,7 @@ def parse_instance_document(doc: Any) -> tuple[str, str, str, list[str]]:
     Only the choices are taken from the document; layers, addresses and ports are worked
     out again from the current view, so a stale preview can never place a broken layout.
     """
-    if not isinstance(doc, dict) or len(doc) != 1:
-        raise ValueError(
-            "the instance must be an object with one key, its meta name, e.g. "
-            '{"GlooInstance": {...}} as /instance/placement returns it'
-        )
-    ((meta, body),) = doc.items()
-    parse_meta(meta)
-    if not isinstance(body, dict):
-        raise ValueError(f"instance.{meta} must be an object")
-    model_id = body.get("modelId")
-    node_to_runner = body.get("nodeToRunner")
-    runner_to_shard = body.get("runnerToShard")
-    if not isinstance(model_id, str) or not model_id:
-        raise ValueError(f"instance.{meta}.modelId must be a model id")
-    if not isinstance(node_to_runner, dict) or not node_to_runner:
-        raise ValueError(f"instance.{meta}.nodeToRunner must map node ids to runner ids")
-    if not isinstance(runner_to_shard, dict):
-        raise ValueError(f"instance.{meta}.runnerToShard must map runner ids to shards")
-    ranked: list[tuple[int, str]] = []
-    sharding = None
-    for node, rid in node_to_runner.items():
-        shard = runner_to_shard.get(rid)
-        if not isinstance(shard, dict) or len(shard) != 1:
-            raise ValueError(f"runner {rid!r} of node {node!r} has no shard in runnerToShard")
-        ((kind, fields),) = shard.items()
-        kinds = {v: k for k, v in SHARD_META.items()}
-        if kind not in kinds or not isinstance(fields, dict):
-            raise ValueError(f"runner {rid!r}: unknown shard kind {kind!r}")
-        if sharding not in (None, kinds[kind]):
-            raise ValueError("every runner of an instance must use the same sharding")
-        sharding = kinds[kind]
-        rank = fields.get("deviceRank")
-        if not isinstance(rank, int):
-            raise ValueError(f"runner {rid!r}: deviceRank must be an integer")
-        ranked.append((rank, str(node)))
-    ranks = sorted(r for r, _ in ranked)
-    if ranks != list(range(len(ranked))):
-        raise ValueError(f"deviceRank values must be 0..{len(ranked) - 1}, got {ranks}")
-    assert sharding is not None
-    return model_id, sharding, meta, [node for _, node in sorted(ranked)]
+    if isinstance(doc, dict) and len(doc) == 1:
+        parse_meta(next(iter(doc)))  # an unknown meta name is the first thing to report
+    meta, model_id, sharding, nodes = posted_choices(doc)
+    return model_id, sharding, meta, nodes
