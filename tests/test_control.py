@@ -87,7 +87,8 @@ def test_parts_mark_the_nodes_a_sentence_names() -> None:
     moved = reason("moved", nodes=("0123456789ab",), instance="i", model="m", store="10.0.0.1",
                    cause=reason("node_gone", nodes=("fedcba987654",)))  # fmt: skip
     assert render(moved, {"0123456789ab": "node-a"}) == (
-        "instance i (m) re-placed on node-a at 10.0.0.1: node fedcba98 is gone")
+        "instance i (m) re-placed on node-a at 10.0.0.1: node fedcba98 is gone"
+    )
     a, b = {"node": "0123456789ab"}, {"node": "fedcba987654"}
     assert parts(moved) == ["instance i (m) re-placed on ", a, " at 10.0.0.1: node ", b, " is gone"]
     joined = reason("member_joined", nodes=("0123456789ab",))
@@ -135,7 +136,10 @@ def test_the_controller_ticks_through_decide_and_records_its_events(tmp_path: Pa
     controller.tick()
     (event,) = events.recent()
     assert (event["kind"], event["message"], event["instance"]) == (
-        "runner_failed", "runner i-g0-r0 failed: oom", "i")
+        "runner_failed",
+        "runner i-g0-r0 failed: oom",
+        "i",
+    )
     assert event["code"] == "runner_failed" and event["facts"]["runner"] == rid
     assert event["parts"] == ["runner i-g0-r0 failed: oom"]
     assert worker.reconciled and controller.alerts == {}

@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -72,19 +73,40 @@ TS, CABLE, WIFI = "100.64.0.2", "192.168.100.2", "10.0.0.2"
     ("links", "answered", "best"),
     [
         # seed 002: Tailscale answered first after a restart; the measured cable still wins
-        ([outbound(TS, InterfaceKind.VPN, 45.0, 1), outbound(CABLE, InterfaceKind.THUNDERBOLT,
-          0.4, 1)], TS, CABLE),  # fmt: skip
+        (
+            [
+                outbound(TS, InterfaceKind.VPN, 45.0, 1),
+                outbound(CABLE, InterfaceKind.THUNDERBOLT, 0.4, 1),
+            ],
+            TS,
+            CABLE,
+        ),  # fmt: skip
         # nothing measured yet: the subnet and address class decide, not who answered
         ([], TS, CABLE),
         # the cable's probes stopped answering long ago: the working path wins
-        ([outbound(TS, InterfaceKind.VPN, 45.0, 1), outbound(CABLE, InterfaceKind.THUNDERBOLT,
-          0.4, 60)], CABLE, TS),  # fmt: skip
+        (
+            [
+                outbound(TS, InterfaceKind.VPN, 45.0, 1),
+                outbound(CABLE, InterfaceKind.THUNDERBOLT, 0.4, 60),
+            ],
+            CABLE,
+            TS,
+        ),  # fmt: skip
         # wifi and cable both usable, same RTT bucket: the interface kind decides
-        ([outbound(WIFI, InterfaceKind.WIFI, 2.0, 1), outbound(CABLE, InterfaceKind.ETHERNET,
-          2.5, 1)], WIFI, CABLE),  # fmt: skip
+        (
+            [
+                outbound(WIFI, InterfaceKind.WIFI, 2.0, 1),
+                outbound(CABLE, InterfaceKind.ETHERNET, 2.5, 1),
+            ],
+            WIFI,
+            CABLE,
+        ),  # fmt: skip
         # a record for another peer says nothing about this one
-        ([outbound(TS, InterfaceKind.VPN, 45.0, 1).model_copy(update={"peer_node_id": "c"})],
-         TS, CABLE),  # fmt: skip
+        (
+            [outbound(TS, InterfaceKind.VPN, 45.0, 1).model_copy(update={"peer_node_id": "c"})],
+            TS,
+            CABLE,
+        ),  # fmt: skip
     ],
 )
 def test_rank_addresses(links: list[PathStats], answered: str, best: str) -> None:
@@ -98,6 +120,26 @@ def test_the_address_that_answered_breaks_a_tie_only() -> None:
     known = [("10.0.0.2", 1), ("10.0.0.3", 1)]  # same shape, nothing measured
     assert rank_addresses(known, "b", [], NOW)[0] == ("10.0.0.2", 1)
     assert rank_addresses(known, "b", [], NOW, answered=("10.0.0.3", 1))[0] == ("10.0.0.3", 1)
+
+
+CABLE_OK = outbound(CABLE, InterfaceKind.THUNDERBOLT, 0.4, 5)  # last probe reply 5 s ago
+
+
+@pytest.mark.parametrize(
+    ("failed_ago", "best"),
+    [
+        (None, CABLE),  # nothing failed: the measured cable
+        (1, TS),  # a call failed after the cable's last probe reply: it goes last at once
+        (9, CABLE),  # the failure is older than a probe reply since: the cable again
+    ],
+)
+def test_an_address_a_call_just_failed_on_goes_last_until_it_answers(
+    failed_ago: float | None, best: str
+) -> None:
+    known = [(TS, 52415), (CABLE, 52415)]
+    links = [outbound(TS, InterfaceKind.VPN, 45.0, 1), CABLE_OK]
+    failed = {} if failed_ago is None else {(CABLE, 52415): NOW - failed_ago}
+    assert rank_addresses(known, "b", links, NOW, failed=failed)[0] == (best, 52415)
 
 
 @pytest.fixture
@@ -155,6 +197,28 @@ def test_a_call_goes_to_the_best_measured_address_over_one_pool(two_listeners: i
             await peers.aclose()
 
     assert asyncio.run(go()) == ["127.0.0.3"] * 3
+
+
+def test_a_failed_call_sends_the_next_one_to_the_next_address(two_listeners: int) -> None:
+    port = two_listeners
+    closed = socket.socket()  # a port nobody listens on: connection refused
+    closed.bind(("127.0.0.3", 0))
+    dead = closed.getsockname()[1]
+    closed.close()
+    links = [outbound("127.0.0.3", InterfaceKind.ETHERNET, 0.1, 1)]  # the dead one measured best
+
+    async def go() -> tuple[str, ...]:
+        peers = PeerClient(lambda: links, clock=lambda: NOW)
+        peers.learn("b", [("127.0.0.3", dead), ("127.0.0.2", port)])
+        try:
+            with pytest.raises(httpx.ConnectError):
+                await peers.get("b", "/who")
+            served = (await peers.get("b", "/who")).headers["x-served-by"]
+            return served, peers.best("b")
+        finally:
+            await peers.aclose()
+
+    assert asyncio.run(go()) == ("127.0.0.2", ("127.0.0.2", port))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from shoal.api import proxy
@@ -86,10 +87,11 @@ def test_to_instance(upstreams, monkeypatch, name, first, then, moves_after, sta
     plan = Plan(upstreams[first], upstreams[then] if then else None, moves_after)
 
     async def ask() -> tuple[int, dict]:
-        response = await proxy.to_instance(Body(), plan, "m", "/chat/completions")  # type: ignore[arg-type]
-        if hasattr(response, "body_iterator"):
-            chunks = [c async for c in response.body_iterator]
-            return response.status_code, json.loads(b"".join(chunks))
-        return response.status_code, json.loads(response.body)
+        async with httpx.AsyncClient() as client:
+            response = await proxy.to_instance(Body(), plan, "m", "/chat/completions", client)  # type: ignore[arg-type]
+            if hasattr(response, "body_iterator"):
+                chunks = [c async for c in response.body_iterator]
+                return response.status_code, json.loads(b"".join(chunks))
+            return response.status_code, json.loads(response.body)
 
     assert asyncio.run(ask()) == (status, doc), name

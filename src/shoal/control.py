@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from shoal.cluster.service import ClusterService, url_host
+from shoal.cluster.service import ClusterService
 from shoal.models.cards import blocked_refusal
 from shoal.placement import decide as decisions
 from shoal.placement.decide import LEADER_GRACE_S, SERVING, Decision, Memory, PlaceAsk, decide
@@ -31,6 +31,7 @@ from shoal.placement.plan import (
 )
 from shoal.placement.planner import Refusal
 from shoal.placement.preflight import PathCheck, preflight
+from shoal.schema.address import base_url
 from shoal.schema.reasons import Reason, event_fields, render
 from shoal.schema.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
 from shoal.worker import Worker
@@ -224,13 +225,10 @@ class Controller:
     async def forward(self, method: str, path: str, body: Any = None) -> httpx.Response:
         """Send a plan change to the leader; its answer goes back to our caller."""
         leader = self.leader()
-        address = self.service.address_of(leader) if leader else None
-        if address is None:
+        url = self.service.url_of(leader, path) if leader else None
+        if url is None:
             raise NotLeader(leader)
-        host, port = address
-        url = f"http://{host}:{port}{path}"
-        async with httpx.AsyncClient(timeout=30.0) as client:
-            return await client.request(method, url, json=body)
+        return await self.service.peers.http.request(method, url, json=body, timeout=30.0)
 
     # -- what the API shows and where requests go -----------------------------------------
 
@@ -265,7 +263,7 @@ class Controller:
             if host is None:
                 why.append(f"no known address of {i.nodes[0]}, rank 0 of {i.instance_id}")
                 continue
-            return f"http://{host}:{head.port}", ""
+            return base_url(host, head.port), ""
         return None, "; ".join(why)
 
     def _host_of_rank0(self, instance: InstanceSpec) -> str | None:
@@ -273,7 +271,7 @@ class Controller:
         measured best from every rank) when we are one of its ranks, else any known address."""
         rank0 = instance.nodes[0]
         if rank0 != self.node_id and self.node_id in instance.nodes:
-            return url_host(instance.store_address)
+            return instance.store_address
         address = self.service.address_of(rank0)
         return address[0] if address else None
 

@@ -32,6 +32,7 @@ from shoal.cluster.discovery import (
 )
 from shoal.cluster.events import EventLog
 from shoal.cluster.identity import load_identity
+from shoal.cluster.peers import PeerClient
 from shoal.cluster.service import ClusterService, ClusterSettings
 from shoal.cluster.view import Timing
 from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError
@@ -123,6 +124,9 @@ class Node:
             solo=tuple(self.solo.values()),
         )
         self.router = Router(self.solo, self.worker.states, settings.host, lambda: self.controller)
+        # One pool for every call to a peer or to this node's runners, peers ranked by this
+        # node's own path records (in its report once the cluster is up).
+        self.peers = PeerClient(lambda: self.cluster.report.links if self.cluster else ())
         self.app = create_app(self)
 
     def _solo_instances(self) -> dict[str, InstanceSpec]:
@@ -237,8 +241,9 @@ class Node:
             await asyncio.sleep(0.02)
         if self._server.started:
             host, port = sock.getsockname()[:2]
-            self.cluster = ClusterService(self.identity, self.cluster_settings, host, port)
-            self.cluster.events = self.events
+            self.cluster = ClusterService(
+                self.identity, self.cluster_settings, host, port, self.peers, self.events
+            )
             self.controller = Controller(
                 self.cluster,
                 self.worker,
@@ -272,6 +277,7 @@ class Node:
             await asyncio.to_thread(self.worker.stop_all)  # runners end before we say goodbye
             if self.cluster is not None:
                 await self.cluster.stop()  # goodbyes to peers, mDNS goodbye, sockets closed
+            await self.peers.aclose()
             self.events.stop()  # a clean stop: the next start records no crash
 
     def _auto_place(self) -> tuple[AutoPlace, ...]:

@@ -137,12 +137,12 @@ async def history(request: Request, limit: int = Query(200, ge=1, le=1000)) -> d
     by_node: dict[str, Any] = {cluster.identity.node_id: own}
     unreachable: list[str] = []
 
-    async def one(client: httpx.AsyncClient, node_id: str) -> None:
-        where = cluster.address_of(node_id)
+    async def one(node_id: str) -> None:
+        url = cluster.url_of(node_id, "/cluster/alerts")
         try:
-            if where is None:
+            if url is None:
                 raise ValueError("no known address")
-            async with client.stream("GET", f"http://{where[0]}:{where[1]}/cluster/alerts") as r:
+            async with cluster.peers.http.stream("GET", url, timeout=HISTORY_TIMEOUT_S) as r:
                 r.raise_for_status()
                 body = b""
                 async for chunk in r.aiter_bytes():
@@ -155,8 +155,7 @@ async def history(request: Request, limit: int = Query(200, ge=1, le=1000)) -> d
             unreachable.append(cluster.name_of(node_id))
 
     peers = [r.node_id for r in cluster.view.alive_reports(cluster.report)]
-    async with httpx.AsyncClient(timeout=HISTORY_TIMEOUT_S) as client:
-        await asyncio.gather(*(one(client, n) for n in peers if n not in by_node))
+    await asyncio.gather(*(one(n) for n in peers if n not in by_node))
     return {"events": merge_history(by_node, limit), "unreachable": sorted(unreachable)}
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from shoal.api.router import ServedCard
+from shoal.cluster.peers import PeerClient
 from shoal.cluster.service import ClusterService
 from shoal.schema.report import HeldModel
 
@@ -32,6 +33,11 @@ class ModelHost(Protocol):
     @property
     def not_ready_reason(self) -> str:
         """Why the node is not ready (loading, warming up, or the runner's failure)."""
+        ...
+
+    @property
+    def peers(self) -> PeerClient:
+        """The one pool every call to another node, or to this node's runners, goes through."""
         ...
 
     @property

@@ -19,6 +19,7 @@ from shoal.api.host import library_of
 from shoal.models.cards import ModelCard
 from shoal.models.library import Library, PullRefused
 from shoal.ops.audit import audit, manifests_of, ready
+from shoal.schema.address import base_url, host_of, join_host_port
 from shoal.web.errors import ApiError, invalid_request
 
 router = APIRouter()
@@ -144,7 +145,7 @@ async def _gather_manifests(
         if not any(name in (r.node_id, r.name) for r in reports):
             entries.append({"node_id": None, "name": name, "error": "not in this node's view"})
 
-    async def one(client: httpx.AsyncClient, node_id: str, name: str) -> dict[str, Any]:
+    async def one(node_id: str, name: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"node_id": node_id, "name": name, "manifest": None}
         if node_id == cluster.identity.node_id:
             found = await asyncio.to_thread(library.manifest, model_id, hash)
@@ -156,11 +157,12 @@ async def _gather_manifests(
         where = cluster.address_of(node_id)
         if where is None:
             return {**entry, "error": "no known address"}
-        url = f"http://{where[0]}:{where[1]}/models/{quote(model_id)}/manifest"
+        url = base_url(*where) + f"/models/{quote(model_id)}/manifest"
+        params = {"hash": str(hash).lower()}
         try:
-            response = await client.get(url, params={"hash": str(hash).lower()})
+            response = await cluster.peers.http.get(url, params=params, timeout=timeout)
         except httpx.HTTPError as exc:
-            return {**entry, "error": f"unreachable at {where[0]}:{where[1]}: {exc!r}"}
+            return {**entry, "error": f"unreachable at {join_host_port(*where)}: {exc!r}"}
         if response.status_code == 200:
             return {**entry, "manifest": response.json()}
         if response.status_code == 404:
@@ -172,8 +174,7 @@ async def _gather_manifests(
         return {**entry, "error": f"HTTP {response.status_code}: {message}"}
 
     timeout = httpx.Timeout(HASH_TIMEOUT_S if hash else MANIFEST_TIMEOUT_S, connect=5.0)
-    async with httpx.AsyncClient(timeout=timeout) as client:
-        entries += await asyncio.gather(*(one(client, r.node_id, r.name) for r in chosen))
+    entries += await asyncio.gather(*(one(r.node_id, r.name) for r in chosen))
     return entries, library.card(model_id)
 
 
@@ -188,7 +189,7 @@ async def reach(
         raise ApiError(503, "The cluster service is not running on this node yet.")
     reports = cluster.view.alive_reports(cluster.report)
     known = {a.split("/")[0] for r in reports for i in r.interfaces for a in i.addresses}
-    known |= {a.rpartition(":")[0].strip("[]") for r in reports for a in r.addresses}
+    known |= {host_of(a) for r in reports for a in r.addresses}
     if host not in known and not _is_loopback(host):
         raise invalid_request(
             f"{host} is not an address of a node in this node's view.", param="host"

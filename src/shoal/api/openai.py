@@ -43,16 +43,21 @@ def _find_model(host: ModelHost, name: str) -> ServedCard:
     )
 
 
+async def _relay(request: Request, model: str, path: str) -> Response:
+    """Relay a generation request to the rank 0 serving `model`, through the node's pool."""
+    host = _host(request)
+    _find_model(host, model)
+    return await proxy.to_instance(request, host, model, path, host.peers.relay)
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    _find_model(_host(request), body.model)
-    return await proxy.to_instance(request, _host(request), body.model, "/v1/chat/completions")
+    return await _relay(request, body.model, "/v1/chat/completions")
 
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    _find_model(_host(request), body.model)
-    return await proxy.to_instance(request, _host(request), body.model, "/v1/completions")
+    return await _relay(request, body.model, "/v1/completions")
 
 
 def _card(model: ServedCard) -> ModelCard:

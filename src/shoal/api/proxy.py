@@ -29,6 +29,7 @@ class Routes(Protocol):
         """The base URL of the rank 0 serving a model, or why there is none."""
         ...
 
+
 READY_WAIT_S = 60.0  # a request for an instance still loading waits this long for it
 MOVE_WAIT_S = 5.0  # a refused request watches this long for its instance serving elsewhere
 MAX_MOVES = 3  # moves one request follows before it gives the client the refusal
@@ -54,13 +55,13 @@ async def endpoint_for(routes: Routes, model_id: str) -> str:
 
 
 async def to_instance(
-    request: Request, routes: Routes, model_id: str, path: str
+    request: Request, routes: Routes, model_id: str, path: str, client: httpx.AsyncClient
 ) -> Response:
     """The answer of the model's serving instance, following it when it moves mid-request to
     a new rank 0 that is already serving (never waiting out a new generation's load)."""
     base_url = await endpoint_for(routes, model_id)
     for _ in range(MAX_MOVES):
-        answer = await forward(request, base_url, path)
+        answer = await forward(request, base_url, path, client)
         if not isinstance(answer, Refused):
             return answer
         moved_to = await _serving_elsewhere(routes, model_id, base_url)
@@ -92,16 +93,20 @@ class Refused:
         return Response(self.body, status_code=self.status, headers=self.headers)
 
 
-async def forward(request: Request, base_url: str, path: str) -> Response | Refused:
+async def forward(
+    request: Request, base_url: str, path: str, client: httpx.AsyncClient
+) -> Response | Refused:
+    """Relay through the node's relay pool (cluster.peers): no client per request."""
     body = await request.body()
-    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
     upstream_request = client.build_request(
-        "POST", base_url + path, content=body, headers={"content-type": "application/json"}
+        "POST",
+        base_url + path,
+        content=body,
+        headers={"content-type": "application/json"},
     )
     try:
         upstream = await client.send(upstream_request, stream=True)
     except httpx.HTTPError as exc:
-        await client.aclose()
         lost = ApiError(
             503,
             f"The instance's rank-0 endpoint {base_url} did not answer: {exc}.",
@@ -116,7 +121,6 @@ async def forward(request: Request, base_url: str, path: str) -> Response | Refu
             refusal = b""
         finally:
             await upstream.aclose()
-            await client.aclose()
         keep = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
         return Refused(503, refusal, keep)
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -139,7 +143,6 @@ async def forward(request: Request, base_url: str, path: str) -> Response | Refu
                 yield ("\n\n" + sse(lost.body()) + DONE).encode()
         finally:
             await upstream.aclose()
-            await client.aclose()
 
     return _Relay(relay(), status_code=upstream.status_code, headers=headers)
 

@@ -6,13 +6,19 @@ request), and per peer every address it may be reached at, ranked the way placem
 (placement.addressing: measured usable, RTT, interface kind, preferred subnet, address class)
 from this node's own probe records, never "the first address that answered" (seed 002). The
 address that answered last only breaks ties between equally ranked ones, e.g. before any probe
-has been answered.
+has been answered. An address a call just failed on goes last at once, until it answers again
+(a poll, or a probe reply newer than the failure): a cut cable costs one timeout, not one per
+call until the prober's verdict.
+
+Relayed generations use a second pool without keep-alive: each opens its own connection, so a
+black-holed path fails at connect (a clean 503) instead of hanging on a dead kept-alive socket.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import httpx
@@ -25,6 +31,8 @@ from shoal.schema.report import PathStats
 # manifest) passes its own timeout.
 DEFAULT_TIMEOUT: Final = httpx.Timeout(1.0, connect=0.5)
 POOL_LIMITS: Final = httpx.Limits(max_connections=256, max_keepalive_connections=32)
+RELAY_LIMITS: Final = httpx.Limits(max_connections=256, max_keepalive_connections=0)
+RELAY_TIMEOUT: Final = httpx.Timeout(None, connect=5.0)  # an answer takes as long as it takes
 
 Address = tuple[str, int]  # host (no brackets), port
 
@@ -35,14 +43,18 @@ def rank_addresses(
     links: Sequence[PathStats],
     now: float,
     answered: Address | None = None,
+    failed: Mapping[Address, float] | None = None,
 ) -> list[Address]:
-    """The known addresses of a peer, best first: by placement's path ranking over this node's
-    outbound records to it; the address that answered last breaks ties; then by address."""
+    """The known addresses of a peer, best first: an address whose last call failed after its
+    last probe reply goes last; then placement's path ranking over this node's outbound
+    records to it; the address that answered last breaks ties; then by address."""
     measured = {o.peer_addr: o for o in options_to(peer_id, links)}
+    failed = failed or {}
 
     def key(address: Address) -> tuple[Any, ...]:
         option = measured.get(address[0], PathOption(peer_addr=address[0]))
-        return (*rank_key(option, now), address != answered, address)
+        failing = failed.get(address, -math.inf) > (option.last_success or -math.inf)
+        return (failing, *rank_key(option, now), address != answered, address)
 
     return sorted(set(known), key=key)
 
@@ -67,10 +79,13 @@ class PeerClient:
         self._clock = clock
         self._known: dict[str, set[Address]] = {}
         self._answered: dict[str, Address] = {}
+        self._failed: dict[Address, float] = {}  # address -> when a call to it last failed
         self.http = httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, limits=POOL_LIMITS)
+        self.relay = httpx.AsyncClient(timeout=RELAY_TIMEOUT, limits=RELAY_LIMITS)
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        await self.relay.aclose()
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -81,6 +96,11 @@ class PeerClient:
         """That address answered as that node (a report poll): a tiebreak, not a ranking."""
         self.learn(node_id, [address])
         self._answered[node_id] = address
+        self._failed.pop(address, None)
+
+    def failed(self, address: Address) -> None:
+        """A call to that address failed: it goes last until it answers again."""
+        self._failed[address] = self._clock()
 
     def peers(self) -> list[str]:
         return sorted(self._known)
@@ -92,7 +112,7 @@ class PeerClient:
         """Every known address of the peer, best first."""
         known = self._known.get(node_id, ())
         answered = self._answered.get(node_id)
-        return rank_addresses(known, node_id, self._links(), self._clock(), answered)
+        return rank_addresses(known, node_id, self._links(), self._clock(), answered, self._failed)
 
     def best(self, node_id: str) -> Address | None:
         ranked = self.addresses(node_id)
@@ -107,8 +127,16 @@ class PeerClient:
     # -- calls ---------------------------------------------------------------------------
 
     async def request(self, node_id: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One call to the node at its best address; httpx errors pass through."""
-        return await self.http.request(method, self.url(node_id, path), **kwargs)
+        """One call to the node at its best address; httpx errors pass through (and demote
+        that address)."""
+        address = self.best(node_id)
+        if address is None:
+            raise PeerUnknown(node_id)
+        try:
+            return await self.http.request(method, base_url(*address) + path, **kwargs)
+        except httpx.TransportError:
+            self.failed(address)
+            raise
 
     async def get(self, node_id: str, path: str, **kwargs: Any) -> httpx.Response:
         return await self.request(node_id, "GET", path, **kwargs)

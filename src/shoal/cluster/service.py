@@ -30,8 +30,10 @@ from shoal.cluster.identity import NodeIdentity
 from shoal.cluster.interfaces import local_interfaces
 from shoal.cluster.links import Prober
 from shoal.cluster.machine import local_device_label
+from shoal.cluster.peers import PeerClient, PeerUnknown
 from shoal.cluster.thunderbolt import local_thunderbolt_links
 from shoal.cluster.view import ClusterView, PeerStatus, Timing, membership_changes
+from shoal.schema.address import base_url, join_host_port, split_host_port
 from shoal.schema.reasons import PathRef, reason
 from shoal.schema.report import (
     MAX_REPORT_BYTES,
@@ -65,24 +67,15 @@ class ClusterSettings:
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
-@dataclass
-class _Peer:
-    """Where a peer's API may be reached; the first address that answered goes first."""
-
-    addresses: list[tuple[str, int]] = field(default_factory=list)
-
-    def add(self, address: tuple[str, int]) -> None:
-        if address not in self.addresses:
-            self.addresses.append(address)
-
-    def promote(self, address: tuple[str, int]) -> None:
-        self.addresses.remove(address)
-        self.addresses.insert(0, address)
-
-
 class ClusterService:
     def __init__(
-        self, identity: NodeIdentity, settings: ClusterSettings, host: str, api_port: int
+        self,
+        identity: NodeIdentity,
+        settings: ClusterSettings,
+        host: str,
+        api_port: int,
+        peers: PeerClient,
+        events: EventLog | None = None,
     ) -> None:
         self.identity = identity
         self.settings = settings
@@ -104,7 +97,7 @@ class ClusterService:
             secret=settings.secret,
             classify_interface=self._interface_kind,
         )
-        self._peers: dict[str, _Peer] = {}  # node id -> API addresses
+        self.peers = peers  # every peer's API addresses, and the pool every call goes through
         self._static = list(settings.static_peers)  # polled until their report names them
         # The last report and ETag per address: an unchanged report costs a 304, not a body.
         self._cached: dict[tuple[str, int], tuple[str, NodeReport]] = {}
@@ -117,11 +110,10 @@ class ClusterService:
         self._device = ""  # "MacBookPro18,2 · Apple M1 Max", read once at start
         self._discovery: Discovery | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._client: httpx.AsyncClient | None = None
         self._stopping = False
         self.health = PathHealthTracker(settings.thresholds)
         self._statuses: dict[str, PeerStatus] = {}  # peers' statuses at the last tick (events)
-        self.events: EventLog | None = None  # set by the node: history across restarts
+        self.events = events  # history across restarts
         # Hooks for the node's plan controller: extra report fields, and a call per poll tick.
         self.report_extras: Callable[[], dict[str, Any]] = dict
         self.on_tick: Callable[[], None] = lambda: None
@@ -129,7 +121,6 @@ class ClusterService:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(1.0, connect=0.5))
         self._gpus = _gpus()
         self._device = await asyncio.to_thread(local_device_label)
         await self._read_local_hardware()
@@ -167,8 +158,6 @@ class ClusterService:
         if self._discovery is not None:
             await asyncio.to_thread(self._discovery.stop)
         await self.prober.stop()
-        if self._client is not None:
-            await self._client.aclose()
 
     # -- what the API serves --------------------------------------------------------------
 
@@ -185,15 +174,15 @@ class ClusterService:
         self._refresh_report()
 
     def address_of(self, node_id: str) -> tuple[str, int] | None:
-        """Where this node reaches a node's API (host ready for a URL), ourselves included."""
+        """Where this node reaches a node's API, ourselves included: a peer at the best of its
+        addresses by this node's measurements (cluster.peers)."""
         if node_id == self.identity.node_id:
-            host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-            return url_host(host), self.api_port
-        peer = self._peers.get(node_id)
-        if peer is None or not peer.addresses:
-            return None
-        host, port = peer.addresses[0]
-        return url_host(host), port
+            return ("127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host), self.api_port
+        return self.peers.best(node_id)
+
+    def url_of(self, node_id: str, path: str = "") -> str | None:
+        address = self.address_of(node_id)
+        return None if address is None else base_url(*address) + path
 
     def accept_goodbye(self, node_id: str, boot_id: str) -> None:
         self.view.goodbye(node_id, boot_id)
@@ -262,19 +251,18 @@ class ClusterService:
         self._thunderbolt = tuple(await asyncio.to_thread(local_thunderbolt_links))
 
     async def _poll_peers(self) -> None:
-        jobs = [self._poll_peer(nid, peer) for nid, peer in self._peers.items()]
+        jobs = [self._poll_peer(node_id) for node_id in self.peers.peers()]
         jobs += [self._poll_static(address) for address in self._static]
         if jobs:
             await asyncio.gather(*jobs)
 
-    async def _poll_peer(self, node_id: str, peer: _Peer) -> None:
-        for address in list(peer.addresses):
+    async def _poll_peer(self, node_id: str) -> None:
+        for address in self.peers.addresses(node_id):  # best first, the next when one fails
             report = await self._fetch_report(address)
-            if report is None:
+            if report is None or report.node_id != node_id:  # silent, or now someone else
+                self.peers.failed(address)  # the next poll and every call try the others first
                 continue
-            if report.node_id != node_id:  # that address now belongs to someone else
-                continue
-            peer.promote(address)
+            self.peers.answered(node_id, address)
             self._accept(report, address)
             return
         self.view.miss(node_id, time.time())
@@ -285,13 +273,11 @@ class ClusterService:
             self._accept(report, address)
 
     async def _fetch_report(self, address: tuple[str, int]) -> NodeReport | None:
-        assert self._client is not None
-        host, port = address
-        url = f"http://{url_host(host)}:{port}/cluster/report"
+        url = base_url(*address) + "/cluster/report"
         cached = self._cached.get(address)
         headers = {"If-None-Match": cached[0]} if cached else {}
         try:
-            response = await self._client.get(url, headers=headers)
+            response = await self.peers.http.get(url, headers=headers)
         except httpx.HTTPError:
             return None
         if response.status_code == 304 and cached:
@@ -316,15 +302,12 @@ class ClusterService:
             self.view.goodbye(report.node_id, report.boot_id)
             return
         if self.view.accept(report, time.time()):
-            peer = self._peers.setdefault(report.node_id, _Peer())
-            peer.add(address)
-            for advertised in report.addresses:
-                peer.add(_split_host_port(advertised, report.api_port))
+            advertised = [split_host_port(a, report.api_port) for a in report.addresses]
+            self.peers.learn(report.node_id, [address, *advertised])  # type: ignore[list-item]
 
     def _on_announcement(self, announcement: PeerAnnouncement) -> None:
-        peer = self._peers.setdefault(announcement.node_id, _Peer())
-        for host in announcement.addresses:
-            peer.add((host, announcement.api_port))
+        hosts = announcement.addresses
+        self.peers.learn(announcement.node_id, [(h, announcement.api_port) for h in hosts])
 
     def _on_goodbye(self, node_id: str) -> None:
         held = self.view.report_of(node_id)
@@ -332,30 +315,24 @@ class ClusterService:
             self.view.goodbye(node_id, held.boot_id)
 
     async def _send_goodbyes(self) -> None:
-        if self._client is None:
-            return
         body = {"node_id": self.identity.node_id, "boot_id": self.identity.boot_id}
 
-        async def tell(peer: _Peer) -> None:
-            for host, port in peer.addresses[:1]:
-                with contextlib.suppress(httpx.HTTPError):
-                    await self._client.post(
-                        f"http://{url_host(host)}:{port}/cluster/goodbye", json=body, timeout=0.5
-                    )
+        async def tell(node_id: str) -> None:
+            with contextlib.suppress(httpx.HTTPError, PeerUnknown):
+                await self.peers.post(node_id, "/cluster/goodbye", json=body, timeout=0.5)
 
-        alive = set(self.view.alive())
-        await asyncio.gather(*(tell(p) for nid, p in self._peers.items() if nid in alive))
+        alive = set(self.view.alive()) - {self.identity.node_id}
+        await asyncio.gather(*(tell(n) for n in self.peers.peers() if n in alive))
 
     def _probe_targets(self) -> dict[str, list[tuple[str, int]]]:
         """Every address of every peer ever seen, gone ones too: probing never stops, so the
         path that was best before a crash is found again when the peer comes back."""
         targets: dict[str, list[tuple[str, int]]] = {}
-        for node_id, peer in self._peers.items():
+        for node_id in self.peers.peers():
             report = self.view.report_of(node_id)
             if node_id == self.identity.node_id or report is None:
                 continue
-            hosts = sorted({h for h, _ in peer.addresses})
-            targets[node_id] = [(h, report.api_port) for h in hosts]
+            targets[node_id] = [(h, report.api_port) for h in self.peers.hosts(node_id)]
         return targets
 
     def _interface_kind(self, name: str) -> InterfaceKind:
@@ -402,7 +379,7 @@ class ClusterService:
 
     def _advertised_addresses(self) -> list[str]:
         if self.host not in ("0.0.0.0", "::", ""):
-            return [f"{url_host(self.host)}:{self.api_port}"]
+            return [join_host_port(self.host, self.api_port)]
         out = []
         for info in self._interfaces:
             for cidr in info.addresses:
@@ -461,14 +438,3 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _split_host_port(address: str, default_port: int) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        return address, default_port
-    return host.strip("[]"), int(port)
