@@ -121,7 +121,6 @@ def fake_service(reports: list[NodeReport], events: EventLog) -> SimpleNamespace
     return SimpleNamespace(
         identity=SimpleNamespace(node_id=reports[0].node_id), view=view, report=reports[0],
         events=events, settings=SimpleNamespace(thresholds=Thresholds()),
-        report_extras=None, on_tick=None,
     )  # fmt: skip
 
 

@@ -70,8 +70,6 @@ class Controller:
         self.memory = Memory()  # what the tick keeps between ticks (placement.decide)
         self._started = time.time()
         self._best_rates: dict[str, float] = {}
-        service.report_extras = self._report_fields
-        service.on_tick = self.tick
 
     @property
     def node_id(self) -> str:
@@ -165,7 +163,7 @@ class Controller:
         else:
             log.warning("%s: %s", kind, text)
 
-    def _report_fields(self) -> dict[str, Any]:
+    def report_fields(self) -> dict[str, Any]:
         models = tuple(m.held for m in self.worker.models.values())
         return dict(
             models=models,

@@ -252,7 +252,7 @@ class Node:
                 self.library,
             )
             try:
-                await self.cluster.start()
+                await self.cluster.start(self.controller)
             except DuplicateNode:
                 self._server.should_exit = True
                 await serving

@@ -13,10 +13,9 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import psutil
@@ -67,6 +66,18 @@ class ClusterSettings:
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
+class PlanMember(Protocol):
+    """What the cluster loop asks of the node's plan controller."""
+
+    def report_fields(self) -> dict[str, Any]:
+        """Fields this node's report carries for the plan (models, runners, plan, ...)."""
+        ...
+
+    def tick(self) -> None:
+        """One round of the plan: read, decide, reconcile, publish."""
+        ...
+
+
 class ClusterService:
     def __init__(
         self,
@@ -114,13 +125,14 @@ class ClusterService:
         self.health = PathHealthTracker(settings.thresholds)
         self._statuses: dict[str, PeerStatus] = {}  # peers' statuses at the last tick (events)
         self.events = events  # history across restarts
-        # Hooks for the node's plan controller: extra report fields, and a call per poll tick.
-        self.report_extras: Callable[[], dict[str, Any]] = dict
-        self.on_tick: Callable[[], None] = lambda: None
+        self._member: PlanMember | None = None  # the node's plan controller, given at start
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, member: PlanMember | None = None) -> None:
+        """Start probing, announcing and polling; `member` (the plan controller) adds its
+        fields to every report and runs once per poll tick."""
+        self._member = member
         self._gpus = _gpus()
         self._device = await asyncio.to_thread(local_device_label)
         await self._read_local_hardware()
@@ -203,7 +215,8 @@ class ClusterService:
             self._note_membership()
             self.prober.set_targets(self._probe_targets())
             try:
-                self.on_tick()
+                if self._member is not None:
+                    self._member.tick()
             except Exception:  # the plan side failing must never stop the cluster loop
                 log.exception("plan tick failed")
             ticks += 1
@@ -369,7 +382,7 @@ class ClusterService:
             links=tuple(self.prober.snapshot(time.time()) if links is None else links),
             shutting_down=shutting_down,
             health=self.health.snapshot(time.time()),
-            **self.report_extras(),
+            **(self._member.report_fields() if self._member is not None else {}),
         )
         # seq moves only when the content does, so an unchanged report polls as 304.
         if body != self._report.model_dump(exclude={"seq", "sent_at"}, mode="python"):
