@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shoal.api.host import library_of
 from shoal.models.cards import ModelCard
 from shoal.models.library import Library, PullRefused
-from shoal.ops.audit import audit, manifests_of, ready
+from shoal.models.parity import ManifestsDocument, audit, ready
 from shoal.schema.address import base_url, host_of, join_host_port
 from shoal.web.errors import ApiError, invalid_request
 
@@ -120,7 +120,11 @@ async def cluster_audit(
     """`shoal audit` as data: the checks over every alive node's manifest of the model, with
     the shard count the card expects."""
     entries, card = await _gather_manifests(request, model_id, hash, None)
-    checks = audit(manifests_of(entries), expect_shards=card.expected_shards, hash=hash)
+    checks = audit(
+        ManifestsDocument.model_validate({"nodes": entries}).by_name(),
+        expect_shards=card.expected_shards,
+        hash=hash,
+    )
     return {
         "model_id": model_id,
         "ready": ready(checks),

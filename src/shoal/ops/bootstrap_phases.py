@@ -29,7 +29,6 @@ from shoal.ops.phase_gates import (
     chat_body,
     conclude,
     gate,
-    instance_body,
     judge_audit,
     judge_canary,
     judge_first_chat,
@@ -41,6 +40,8 @@ from shoal.ops.phase_gates import (
 from shoal.ops.run_ledger import (
     Ledger,
 )
+from shoal.schema.documents import ChatReply, CreatedInstance, ModelList, Reach, StateDocument
+from shoal.schema.exo import InstanceBody, instance_body
 
 TITLES = {
     "preflight": "nodes alive and answering, drift, disk, model card, model dir per node",
@@ -80,11 +81,11 @@ class Context:
         except httpx.ConnectError as exc:
             raise Unreachable(f"cannot reach {self.opts.api} ({exc}): {START_HINT}") from None
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> StateDocument:
         response = self.get("/state")
         if response.status_code != 200:
             raise Unreachable(error_message(response.status_code, response.content))
-        return response.json()
+        return StateDocument.model_validate(response.json())
 
     def nodes(self, refresh: bool = False) -> list[NodeApi]:
         """Every alive node and the API address that answered from here (kept in the ledger,
@@ -112,26 +113,31 @@ class Context:
         return found
 
 
-def find_apis(client: httpx.Client, state: dict[str, Any]) -> list[NodeApi]:
+def find_apis(client: httpx.Client, state: StateDocument) -> list[NodeApi]:
     """Each alive node's first advertised address whose /node_id names that node."""
     found = []
-    for node in (n for n in state.get("nodes", []) if n.get("status") == "alive"):
+    for node in (n for n in state.nodes if n.status == "alive"):
         errors = []
-        for address in node.get("addresses") or []:
+        for address in node.addresses:
             url = api_base(address)
             try:
                 answer = client.get(f"{url}/node_id", timeout=PROBE_TIMEOUT)
             except httpx.HTTPError as exc:
                 errors.append(f"{address}: {type(exc).__name__}")
                 continue
-            if answer.status_code == 200 and answer.text.strip('"') == node["node_id"]:
-                found.append(NodeApi(node["node_id"], node["name"], url))
+            if answer.status_code == 200 and answer.text.strip('"') == node.node_id:
+                found.append(NodeApi(node.node_id, node.name, url))
                 break
-            errors.append(f"{address}: HTTP {answer.status_code}, not {node['name']}'s API")
+            errors.append(f"{address}: HTTP {answer.status_code}, not {node.name}'s API")
         else:
             error = "; ".join(errors) or "no advertised address"
-            found.append(NodeApi(node["node_id"], node["name"], None, error))
+            found.append(NodeApi(node.node_id, node.name, None, error))
     return sorted(found, key=lambda n: n.name)
+
+
+def _instances_of(state: StateDocument, model_id: str) -> dict[str, InstanceBody]:
+    """The plan's instances of the model, by id."""
+    return {iid: b for iid, b in state.instance_bodies().items() if b.model_id == model_id}
 
 
 def preflight(ctx: Context) -> PhaseResult:
@@ -164,7 +170,7 @@ def _canary_problem(ctx: Context, node: NodeApi) -> str | None:
     for path, response in (("/state", state), ("/v1/models", models)):
         if response.status_code != 200:
             return f"{path}: {error_message(response.status_code, response.content)}"
-    ids = [m.get("id") for m in models.json().get("data", [])]
+    ids = [m.id for m in ModelList.model_validate(models.json()).data]
     if ctx.opts.model not in ids:
         return f"not in /v1/models?status=downloaded (it lists: {', '.join(ids) or 'nothing'})"
     return None
@@ -174,7 +180,7 @@ def join(ctx: Context) -> PhaseResult:
     started = time.monotonic()
     while True:
         state = ctx.state()
-        alive = sum(n.get("status") == "alive" for n in state.get("nodes", []))
+        alive = sum(n.status == "alive" for n in state.nodes)
         waited = time.monotonic() - started
         if alive >= ctx.opts.min_nodes or waited >= ctx.opts.join_timeout:
             break
@@ -188,12 +194,8 @@ def join(ctx: Context) -> PhaseResult:
 def placement(ctx: Context) -> PhaseResult:
     """Reuse the model's instance if there is one, else place one; then wait for its runners."""
     opts, state = ctx.opts, ctx.state()
-    names = {n["node_id"]: n["name"] for n in state.get("nodes", [])}
-    ours = {
-        iid: instance_body(doc)
-        for iid, doc in (state.get("instances") or {}).items()
-        if instance_body(doc).get("modelId") == opts.model
-    }
+    names = {n.node_id: n.name for n in state.nodes}
+    ours = _instances_of(state, opts.model)
     if ours:
         iid = ctx.ledger.instance_id if ctx.ledger.instance_id in ours else sorted(ours)[0]
         how = "reused"
@@ -204,13 +206,13 @@ def placement(ctx: Context) -> PhaseResult:
         iid, how = created, "created"
     ctx.say(f"  {how} instance {iid}; waiting for its runners")
     ctx.ledger.instance_id = iid
-    body, started = ours.get(iid, {}), time.monotonic()
+    body, started = ours.get(iid, InstanceBody()), time.monotonic()
     while True:
         response = ctx.get(f"/instance/{iid}")
         if response.status_code == 200:  # a follower may not have adopted the plan yet
             body = instance_body(response.json())
         waited = time.monotonic() - started
-        statuses = [s.get("status") for s in (body.get("runnerStatus") or {}).values()]
+        statuses = [s.status for s in body.runner_status.values()]
         serving = bool(statuses) and all(s in SERVING for s in statuses)
         if serving or "failed" in statuses or waited >= opts.ready_timeout:
             break
@@ -236,7 +238,7 @@ def _create_instance(ctx: Context) -> str | PhaseResult:
             body = {"instance": response.json(), "allow_blocked": opts.allow_blocked}
             response = ctx.client.post(f"{opts.api}/instance", json=body)
             if response.status_code == 200:
-                return str(response.json()["instance_id"])
+                return CreatedInstance.model_validate(response.json()).instance_id
         # 400/409 no_placement: the paths of a node that just joined may not be measured yet
         if time.monotonic() >= deadline or response.status_code not in (400, 409):
             why = error_message(response.status_code, response.content)
@@ -249,26 +251,19 @@ def transport(ctx: Context) -> PhaseResult:
     """From every node of the instance (its /cluster/reach): the store port, rank 0's
     endpoint, and every other node's API."""
     state = ctx.state()
-    docs = {
-        iid: instance_body(d)
-        for iid, d in (state.get("instances") or {}).items()
-        if instance_body(d).get("modelId") == ctx.opts.model
-    }
+    docs = _instances_of(state, ctx.opts.model)
     body = docs.get(ctx.ledger.instance_id or "") or next(iter(docs.values()), None)
     if body is None:
         return judge_transport(ctx.opts, [])
-    members = list(body["nodeToRunner"])
+    members = list(body.node_to_runner)
     apis = {n.node_id: n for n in ctx.nodes()}
     if any(m not in apis for m in members):
         apis = {n.node_id: n for n in ctx.nodes(refresh=True)}
-    rank0 = next(
-        rid
-        for rid, shard in body["runnerToShard"].items()
-        if instance_body(shard).get("deviceRank") == 0
-    )
-    store_host, _, store_port = body["storeAddress"].rpartition(":")
+    rank0 = next(rid for rid in body.runner_to_shard if body.shard(rid).device_rank == 0)
+    store_host, _, store_port = (body.store_address or "").rpartition(":")
     store_host = store_host.strip("[]")
-    endpoint = (state.get("runners") or {}).get(rank0, {}).get("port")
+    runner = (state.runners or {}).get(rank0)
+    endpoint = runner.port if runner else None
     targets = [("store", store_host, int(store_port))]
     targets += [("rank 0 endpoint", store_host, int(endpoint))] if endpoint else []
     probes = []
@@ -299,8 +294,8 @@ def _reach(ctx: Context, source: NodeApi, target: str, host: str, port: int) -> 
         return probe(False, f"its API: {type(exc).__name__}: {exc}")
     if answer.status_code != 200:
         return probe(False, error_message(answer.status_code, answer.content))
-    doc = answer.json()
-    return probe(True, f"{doc['ms']:.1f} ms") if doc.get("ok") else probe(False, doc.get("error"))
+    doc = Reach.model_validate(answer.json())
+    return probe(True, f"{doc.ms:.1f} ms") if doc.ok else probe(False, doc.error)
 
 
 def first_chat(ctx: Context) -> PhaseResult:
@@ -313,7 +308,7 @@ def _chat(ctx: Context, node: NodeApi) -> ChatAnswer:
     url, started = f"{node.api}/v1/chat/completions", time.perf_counter()
     try:
         response = ctx.client.post(url, json=chat_body(ctx.opts.model), timeout=CHAT_TIMEOUT)
-        choices = response.json().get("choices") if response.status_code == 200 else None
+        reply = ChatReply.model_validate(response.json()) if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError) as exc:
         detail = f"{type(exc).__name__}: {exc}"
         return ChatAnswer(node.name, node.api, False, time.perf_counter() - started, detail)
@@ -321,10 +316,9 @@ def _chat(ctx: Context, node: NodeApi) -> ChatAnswer:
     if response.status_code != 200:
         detail = error_message(response.status_code, response.content)
         return ChatAnswer(node.name, node.api, False, seconds, detail)
-    if not choices:
+    if reply is None or not reply.choices:
         return ChatAnswer(node.name, node.api, False, seconds, "200 without choices")
-    text = (choices[0].get("message") or {}).get("content") or ""
-    return ChatAnswer(node.name, node.api, True, seconds, f"200 {text!r}")
+    return ChatAnswer(node.name, node.api, True, seconds, f"200 {reply.text!r}")
 
 
 def bench(ctx: Context) -> PhaseResult:

@@ -1,8 +1,8 @@
 """One typed client of a node's public API for the `shoal` subcommands.
 
 `ApiClient` wraps one `httpx.Client` with a base URL and timeouts; `AsyncApiClient` is its
-asyncio sibling (for `shoal bench`). Documents come back parsed (ops.api_documents); streams
-are read with httpx-sse and handed out chunk by chunk. A connection that cannot be opened is
+asyncio sibling (for `shoal bench`). Documents come back parsed (shoal.schema, models.parity);
+streams are read with httpx-sse and handed out chunk by chunk. A connection that cannot be opened is
 `ApiUnreachable`; an answer other than the expected status is `ApiError` with one line of
 text; any other httpx error passes through for the command to word.
 """
@@ -19,7 +19,7 @@ import httpx
 from httpx_sse import EventSource, ServerSentEvent
 from pydantic import BaseModel
 
-from shoal.ops.api_documents import ManifestsDocument
+from shoal.models.parity import ManifestsDocument
 from shoal.schema.documents import (
     ChatReply,
     CompletionReply,

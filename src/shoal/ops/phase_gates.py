@@ -19,6 +19,9 @@ from typing import Any
 from shoal.models.manifest import Manifest
 from shoal.ops import audit
 from shoal.ops.chat import DEFAULT_API
+from shoal.schema.documents import NodeRow, StateDocument
+from shoal.schema.exo import InstanceBody
+from shoal.schema.report import StoreState
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 PASSED = (PASS, WARN)  # a phase with warnings still opens the next gate
@@ -153,17 +156,17 @@ def pull_command(model: str, node: NodeApi | None, name: str) -> str:
 
 def judge_preflight(
     opts: Options,
-    state: dict[str, Any],
+    state: StateDocument | dict[str, Any],
     apis: Sequence[NodeApi],
     manifests: dict[str, Manifest | str],
     card: dict[str, Any],
     previous_dirs: dict[str, str],
 ) -> PhaseResult:
-    nodes = state.get("nodes", [])
-    down = [n["name"] for n in nodes if n.get("status") != "alive"]
+    state = StateDocument.of(state)
+    nodes, drift = state.nodes, state.drift
+    down = [n.name for n in nodes if n.status != "alive"]
     silent = [a for a in apis if a.api is None]
     silent_names = ", ".join(a.name for a in silent)
-    drift = state.get("drift") or []
     gates = [
         gate(
             "nodes alive",
@@ -187,8 +190,8 @@ def judge_preflight(
             f"--api {opts.api}` lists the drift), or {opts.command('--fast')}",
         ),
     ]
-    if refused := state.get("refused") or []:
-        detail = "; ".join(f"{r['name']}: {r['reason']}" for r in refused)
+    if refused := state.refused:
+        detail = "; ".join(f"{r.name}: {r.reason}" for r in refused)
         gates.append(Gate("refused peers", WARN, detail))
     gates += [_disk_gate(opts, nodes, card), _card_gate(opts, card)]
     missing = sorted(n for n, m in manifests.items() if not isinstance(m, Manifest))
@@ -214,20 +217,20 @@ def judge_preflight(
     return conclude("preflight", gates, fast=opts.fast, headline=headline)
 
 
-def _node_status(node: dict[str, Any]) -> str:
-    reason = f" ({node['gone_reason']})" if node.get("gone_reason") else ""
-    return f"{node['name']} {node['status']}{reason}"
+def _node_status(node: NodeRow) -> str:
+    reason = f" ({node.gone_reason})" if node.gone_reason else ""
+    return f"{node.name} {node.status}{reason}"
 
 
-def _disk_gate(opts: Options, nodes: list[dict[str, Any]], card: dict[str, Any]) -> Gate:
+def _disk_gate(opts: Options, nodes: Sequence[NodeRow], card: dict[str, Any]) -> Gate:
     need = opts.min_disk_gb if opts.min_disk_gb is not None else card.get("min_disk_gb")
     short, parts = [], []
-    for n in (n for n in nodes if n.get("status") == "alive"):
-        store = n.get("store") or {}
-        free, total = store.get("disk_free", 0) / GB, store.get("disk_total", 0) / GB
-        parts.append(f"{n['name']} {free:.1f} GB free of {total:.1f}")
+    for n in (n for n in nodes if n.status == "alive"):
+        store = n.store or StoreState()
+        free, total = store.disk_free / GB, store.disk_total / GB
+        parts.append(f"{n.name} {free:.1f} GB free of {total:.1f}")
         if need is not None and free < need:
-            short.append(n["name"])
+            short.append(n.name)
     threshold = f"need {need} GB" if need is not None else "no threshold set"
     return gate(
         "disk space",
@@ -287,11 +290,15 @@ def judge_canary(opts: Options, problems: dict[str, tuple[NodeApi, str | None]])
 
 
 def judge_join(
-    opts: Options, state: dict[str, Any], waited_s: float, audited: Iterable[str] = ()
+    opts: Options,
+    state: StateDocument | dict[str, Any],
+    waited_s: float,
+    audited: Iterable[str] = (),
 ) -> PhaseResult:
     """audited: the nodes preflight and audit saw (none given: not checked)."""
-    nodes = state.get("nodes", [])
-    alive = [n["name"] for n in nodes if n.get("status") == "alive"]
+    state = StateDocument.of(state)
+    nodes = state.nodes
+    alive = [n.name for n in nodes if n.status == "alive"]
     isolated = " (cluster isolated)" if len(alive) == 1 < opts.min_nodes else ""
     gates = [
         gate(
@@ -316,28 +323,27 @@ def judge_join(
             )
         )
     seen = [f"nodes visible: {len(nodes)}, alive {len(alive)} ({', '.join(alive)})"]
-    seen += [_node_status(n) for n in nodes if n.get("status") != "alive"]
-    seen += [f"refused {r['name']}: {r['reason']}" for r in state.get("refused") or []]
-    seen += [f"drift: {d}" for d in state.get("drift") or []]
+    seen += [_node_status(n) for n in nodes if n.status != "alive"]
+    seen += [f"refused {r.name}: {r.reason}" for r in state.refused]
+    seen += [f"drift: {d}" for d in state.drift]
     headline = f"{len(alive)} nodes alive ({', '.join(alive)}), --min-nodes {opts.min_nodes}"
     return conclude("join", gates, fast=opts.fast, headline=headline, evidence=seen)
 
 
-def instance_body(document: dict[str, Any]) -> dict[str, Any]:
-    """{meta: body} -> body."""
-    return next(iter(document.values()), {}) if document else {}
-
-
 def judge_placement(
-    opts: Options, body: dict[str, Any], names: dict[str, str], how: str, waited_s: float
+    opts: Options,
+    body: InstanceBody | dict[str, Any],
+    names: dict[str, str],
+    how: str,
+    waited_s: float,
 ) -> PhaseResult:
-    """names: node id -> name; how: 'created' or 'reused'."""
-    iid = body.get("instanceId", "?")
-    node_to_runner = body.get("nodeToRunner") or {}
-    status = {
-        rid: s.get("status", "pending") for rid, s in (body.get("runnerStatus") or {}).items()
-    }
-    reasons = {rid: s.get("reason") for rid, s in (body.get("runnerStatus") or {}).items()}
+    """body: the instance's body (exo's camelCase keys where a dict); names: node id ->
+    name; how: 'created' or 'reused'."""
+    if not isinstance(body, InstanceBody):
+        body = InstanceBody.model_validate(body)
+    iid, node_to_runner = body.instance_id, body.node_to_runner
+    status = {rid: s.status for rid, s in body.runner_status.items()}
+    reasons = {rid: s.reason for rid, s in body.runner_status.items()}
     failed = [f"{rid} failed: {reasons[rid]}" for rid, s in status.items() if s == "failed"]
     runners = [
         f"{names.get(n, n)} {rid} {status.get(rid, 'pending')}" for n, rid in node_to_runner.items()
@@ -356,7 +362,7 @@ def judge_placement(
         detail = f"{len(node_to_runner)} node(s), fewer than --min-nodes {opts.min_nodes}"
         gates.append(Gate("instance size", WARN, detail))
     headline = (
-        f"instance {iid} ({how}, generation {body.get('generation', 0)}): "
+        f"instance {iid} ({how}, generation {body.generation}): "
         f"{len(node_to_runner)} runner(s) ready"
     )
     return conclude("placement", gates, fast=opts.fast, headline=headline, next_command=inspect)
