@@ -21,7 +21,7 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.run-deps
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,mlx]'
 	touch $@
 
 run: $(VENV)/.run-deps

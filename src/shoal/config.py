@@ -79,6 +79,12 @@ class RunSettings:
         None, "id clients use for the model; default: its Hugging Face id, or the file or dir name"
     )
     device: str = _flag("auto", "where the model runs", ("auto", "cpu", "cuda"))
+    engine: str = _flag(
+        "auto",
+        "which engine serves the model this node serves alone: auto = mlx on an Apple-silicon "
+        "Mac with shoal[mlx] installed, torch elsewhere",
+        ("auto", "torch", "mlx"),
+    )
     max_batch: int = _flag(4, "sequences decoded together (KV cache slots)")
     max_seq_len: int | None = _flag(None, "context window in tokens (default: the model's)")
     min_nodes: int = _flag(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.util
 import ipaddress
 import json
 import logging
+import platform
 import shlex
 import signal
 import socket
@@ -43,6 +45,7 @@ from shoal.models.cards import CardError, cards_digest, load_cards
 from shoal.models.library import Library
 from shoal.models.store import ModelStore, parse_dirs
 from shoal.placement.plan import solo_instance
+from shoal.runner.spec import pick_engine
 from shoal.schema.report import AutoPlace, ClusterPlan, HeldModel, InstanceSpec, RunnerState
 from shoal.schema.thresholds import parse_bounds
 from shoal.worker import Worker, WorkerSettings
@@ -80,6 +83,14 @@ def choose_model(settings: RunSettings) -> ModelChoice | None:
     return ModelChoice(settings.model_id or _default_model_id(path), path)
 
 
+def _pick_engine(setting: str) -> str:
+    installed = all(importlib.util.find_spec(m) is not None for m in ("mlx", "mlx_lm"))
+    try:
+        return pick_engine(setting, platform.system(), platform.machine(), installed)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def _default_model_id(path: Path) -> str:
     try:
         if path.samefile(bundled_model_path()):
@@ -101,6 +112,7 @@ class Node:
                 "GGUF file, a Hugging Face dir, or leave it out for the bundled model)"
             )
         self.device = pick_device(settings.device)
+        self.engine = _pick_engine(settings.engine)
         self.library = self._library()
         self.held = self.library.models  # updated in place when a download completes
         self._server: _Server | None = None
@@ -120,6 +132,7 @@ class Node:
                 max_batch=settings.max_batch,
                 max_seq_len=settings.max_seq_len,
                 tokenizer_cache=settings.paths.tokenizer_cache,
+                cache_dir=settings.paths.cache,
             ),
             solo=tuple(self.solo.values()),
         )
@@ -135,7 +148,7 @@ class Node:
         if choice is None or self.settings.min_nodes > 1:  # placed across nodes, not here
             return {}
         held = self.held[choice.id].held
-        instance = solo_instance(self.identity.node_id, held)
+        instance = solo_instance(self.identity.node_id, held, self.engine)
         return {choice.id: instance.model_copy(update={"created_at": time.time()})}
 
     @property
@@ -421,7 +434,7 @@ def startup_banner(node: Node, port: int, seconds: float) -> str:
     for model in models.values():
         lines.append(
             f"  model  {model.id} (context {model.context_length} tokens, "
-            f"{node.device}, batch {node.settings.max_batch})"
+            f"{node.device if node.engine == 'torch' else 'mlx'}, batch {node.settings.max_batch})"
         )
     lines += [f"  API    {urls[0]}", *(f"         {url}" for url in urls[1:])]
     if not models:

@@ -37,6 +37,7 @@ class WorkerSettings:
     max_batch: int = 4
     max_seq_len: int | None = None
     tokenizer_cache: Path | None = None
+    cache_dir: Path | None = None
     log_dir: Path | None = None  # runner stderr goes here (one file per runner), else inherited
 
 
@@ -187,6 +188,7 @@ class Worker:
             model_path=str(local.path),
             sharding=instance.sharding,  # type: ignore[arg-type]
             backend=instance.backend,  # type: ignore[arg-type]
+            engine=instance.engine,  # type: ignore[arg-type]
             rank=rank,
             world_size=len(instance.nodes),
             layer_range=instance.layer_ranges[rank],
@@ -198,6 +200,7 @@ class Worker:
             max_seq_len=s.max_seq_len,
             serve_host=s.serve_host,
             tokenizer_cache=str(s.tokenizer_cache) if s.tokenizer_cache else None,
+            cache_dir=str(s.cache_dir) if s.cache_dir else None,
         )
         log.info(
             "starting runner %s: rank %d/%d of %s, layers %s, store %s:%d via %s",

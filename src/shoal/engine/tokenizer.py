@@ -123,6 +123,21 @@ class Tokenizer:
             add_bos=bos_id is not None and probe[:1] == [bos_id],
         )
 
+    def save_hf_dir(self, path: PathLike) -> None:
+        """tokenizer.json and tokenizer_config.json, as `from_hf_dir` (and transformers,
+        mlx-lm) read them back: same ids, chat template and special tokens."""
+        d = Path(path)
+        self.backend.save(str(d / "tokenizer.json"))
+        name = self.backend.id_to_token
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": self.chat_template,
+            "bos_token": name(self.bos_id) if self.bos_id is not None else None,
+            "eos_token": name(self._eos_order[0]) if self._eos_order else None,
+            "add_bos_token": self.add_bos,
+        }
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=1), "utf-8")
+
     # ---- encoding ------------------------------------------------------------------------
 
     @property

@@ -105,7 +105,7 @@ def find_instance(plan: ClusterPlan, instance_id: str) -> InstanceSpec | None:
 SOLO_META = "SoloInstance"
 
 
-def solo_instance(node_id: str, held: HeldModel) -> InstanceSpec:
+def solo_instance(node_id: str, held: HeldModel, engine: str = "torch") -> InstanceSpec:
     """A model this node serves alone: a 1-rank instance like any other, run by the same runner.
     The node owns it (no leader decides where a node's own --model runs), so its id is derived
     from the node and the model and stays the same across restarts."""
@@ -114,6 +114,7 @@ def solo_instance(node_id: str, held: HeldModel) -> InstanceSpec:
         instance_id=f"solo-{digest}",
         model_id=held.model_id,
         meta=SOLO_META,
+        engine=engine,
         nodes=(node_id,),
         layer_ranges=((0, held.num_layers),),
         store_address="127.0.0.1",

@@ -1,6 +1,14 @@
-"""Building one rank: its rendezvous, its part of the model, and the executor that drives it."""
+"""Building one rank: its rendezvous, its part of the model, and the executor that drives it.
+
+`open_rank` picks the engine the spec names; both answer the same questions (the serving
+config before any weights are read, the model, rank 0's executor, a follower), so the runner
+process drives either the same way.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
 
 from shoal.engine.config import ModelConfig
 from shoal.engine.distributed import Peers, Rendezvous
@@ -8,7 +16,8 @@ from shoal.engine.generator import Executor, LocalExecutor, context_length
 from shoal.engine.lockstep import Follower, PipelineExecutor, TensorExecutor
 from shoal.engine.model import Transformer
 from shoal.engine.sharding import load_tensor_shard, tensor_parallel_config
-from shoal.engine.weights import WeightSource, load_model
+from shoal.engine.tokenizer import default_cache_dir
+from shoal.engine.weights import WeightSource, load_model, open_source, release_freed_memory
 from shoal.runner.spec import RunnerSpec
 
 
@@ -94,3 +103,79 @@ def build_follower(
     )
 
 
+class Rank(Protocol):
+    config: ModelConfig  # known before any weights are read
+
+    def load(self) -> Any: ...
+
+    def executor(self, peers: Peers | None, model: Any) -> Executor: ...
+
+    def follower(self, peers: Peers, model: Any) -> Follower: ...
+
+
+class TorchRank:
+    """This rank on shoal's own engine (GGUF or safetensors, pipeline or tensor parallel)."""
+
+    def __init__(self, spec: RunnerSpec) -> None:
+        self.spec = spec
+        self.source = open_source(spec.model_path)  # metadata only: refuse a bad spec early
+        check_spec(spec, self.source.config)
+        self.config = self.source.config
+
+    def load(self) -> Transformer:
+        model = load_rank_model(self.spec, self.source)
+        release_freed_memory()
+        return model
+
+    def executor(self, peers: Peers | None, model: Transformer) -> Executor:
+        return build_executor(self.spec, peers, model, self.config)  # type: ignore[arg-type]
+
+    def follower(self, peers: Peers, model: Transformer) -> Follower:
+        return build_follower(self.spec, peers, model, self.config)
+
+
+class MlxRank:
+    """This rank on mlx-lm (shoal.engine_mlx): an MLX or HF dir, or a GGUF file converted once
+    into an MLX dir in the cache."""
+
+    def __init__(self, spec: RunnerSpec) -> None:
+        from shoal.engine_mlx import load as mlx_load
+
+        if spec.world_size > 1:
+            raise ValueError(
+                "the MLX engine serves a model on one node so far; an instance across nodes "
+                "(ring, JACCL) runs on the torch engine"
+            )
+        self.spec = spec
+        self.path = Path(spec.model_path)
+        gguf = self.path.is_file()
+        self.config = (
+            open_source(self.path).config if gguf
+            else mlx_load.serving_config(mlx_load.check_dir(self.path))
+        )  # fmt: skip
+        check_spec(spec, self.config)
+
+    def load(self) -> Any:
+        from shoal.engine_mlx import load as mlx_load
+        from shoal.engine_mlx.convert import convert_gguf
+
+        path = self.path
+        if path.is_file():
+            cache = Path(self.spec.cache_dir) if self.spec.cache_dir else default_cache_dir().parent
+            path = convert_gguf(path, cache)
+        model, _ = mlx_load.load(path)
+        return model
+
+    def executor(self, peers: Peers | None, model: Any) -> Executor:
+        from shoal.engine_mlx.executor import MlxExecutor
+
+        max_seq_len = context_length(self.config, self.spec.max_seq_len)
+        return MlxExecutor(model, self.config, self.spec.max_batch, max_seq_len)
+
+    def follower(self, peers: Peers, model: Any) -> Follower:
+        raise ValueError("the MLX engine has no followers yet: it serves 1-rank instances")
+
+
+def open_rank(spec: RunnerSpec) -> Rank:
+    """This rank's engine, with the model's serving config read and the spec checked."""
+    return MlxRank(spec) if spec.engine == "mlx" else TorchRank(spec)

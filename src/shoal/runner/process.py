@@ -15,26 +15,17 @@ import socket
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 import uvicorn
 
-from shoal.engine.config import ModelConfig
 from shoal.engine.distributed import InitError, PeerLostError, Peers, join
 from shoal.engine.generator import Executor, Generator
 from shoal.engine.lockstep import Follower
-from shoal.engine.model import Transformer
 from shoal.engine.serving import ServedModel
 from shoal.engine.tokenizer import Tokenizer
-from shoal.engine.weights import open_source, release_freed_memory
-from shoal.runner.build import (
-    build_executor,
-    build_follower,
-    check_spec,
-    load_rank_model,
-    rendezvous_of,
-)
+from shoal.runner.build import Rank, open_rank, rendezvous_of
 from shoal.runner.endpoint import Readiness, create_endpoint
 from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine
 
@@ -94,16 +85,14 @@ class Runner:
         spec = self.spec
         try:
             self.status("connecting")
-            source = open_source(spec.model_path)  # metadata only: refuse a bad spec early
-            check_spec(spec, source.config)
+            rank = open_rank(spec)  # the model's config, no weights yet: a bad spec fails here
             if spec.world_size > 1:  # a model served alone meets nobody
                 self.peers = join(rendezvous_of(spec))
             self.status("loading")
-            model = load_rank_model(spec, source)
+            model = rank.load()
             tokenizer = (
                 Tokenizer.load(spec.model_path, spec.tokenizer_cache) if spec.rank == 0 else None
             )
-            release_freed_memory()
             if self.peers is not None:
                 self.peers.wait_until_all_loaded(LOAD_TIMEOUT_S)
             self.status("warming")
@@ -111,8 +100,8 @@ class Runner:
             if self.stopping.is_set():
                 return self._stopped()
             if spec.rank == 0:
-                return self._serve(model, source.config, tokenizer)
-            return self._follow(model, source.config)
+                return self._serve(rank, model, tokenizer)
+            return self._follow(rank, model)
         except Exception as exc:
             log.exception("rank %d failed", spec.rank)
             reason = (
@@ -129,8 +118,9 @@ class Runner:
         self.status("stopped")
         return 0
 
-    def _follow(self, model: Transformer, config: ModelConfig) -> int:
-        self.follower = build_follower(self.spec, self.peers, model, config)
+    def _follow(self, rank: Rank, model: Any) -> int:
+        assert self.peers is not None
+        self.follower = rank.follower(self.peers, model)
         if self.stopping.is_set():
             self.follower.request_stop()
 
@@ -141,11 +131,11 @@ class Runner:
         self.follower.run(on_step=first_step)
         return self._stopped()
 
-    def _serve(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer) -> int:
+    def _serve(self, rank: Rank, model: Any, tokenizer: Tokenizer) -> int:
         spec = self.spec
         sock = bind_socket(spec.serve_host, spec.serve_port)
         port = sock.getsockname()[1]
-        executor = build_executor(spec, self.peers, model, config)
+        executor = rank.executor(self.peers, model)
         generator = Generator(executor, tokenizer)
         generator.start()
         served = ServedModel(spec.model_id, tokenizer, generator)

@@ -26,6 +26,7 @@ class RunnerSpec(BaseModel):
     model_path: str
     sharding: Literal["pipeline", "tensor"] = "pipeline"
     backend: Literal["gloo", "nccl"] = "gloo"
+    engine: Literal["torch", "mlx"] = "torch"  # torch: shoal.engine; mlx: shoal.engine_mlx
     rank: int
     world_size: int
     layer_range: tuple[int, int]  # [start, end); tensor parallel: every layer
@@ -38,6 +39,7 @@ class RunnerSpec(BaseModel):
     serve_host: str = "127.0.0.1"  # rank 0: where its OpenAI endpoint listens
     serve_port: int = 0  # 0: any free port, reported in the "ready" line
     tokenizer_cache: str | None = None
+    cache_dir: str | None = None  # derived files: a GGUF converted for the MLX engine
     init_attempts: int = 8  # init_process_group tries, with backoff, over ~init_window_s
     init_window_s: float = 30.0
     step_timeout_s: float = 30.0  # a collective that takes longer fails the step
@@ -54,3 +56,17 @@ class StatusLine(BaseModel):
     port: int | None = None  # rank 0: its generation endpoint
     tokens: int | None = None  # rank 0: tokens generated so far
     context_length: int | None = None  # rank 0: the longest sequence it serves
+
+
+def pick_engine(setting: str, system: str, machine: str, mlx_installed: bool) -> str:
+    """`--engine auto|torch|mlx` -> the engine a node's own model runs on. auto: mlx on an
+    Apple-silicon Mac that has it installed (Metal), torch elsewhere. Asking for mlx where it
+    is not installed is refused with the command that installs it."""
+    if setting not in ("auto", "torch", "mlx"):
+        raise ValueError(f"--engine {setting!r}: use auto, torch or mlx")
+    if setting == "mlx" and not mlx_installed:
+        raise ValueError("--engine mlx: mlx and mlx-lm are not installed; pip install 'shoal[mlx]'")
+    if setting == "auto":
+        mac = system == "Darwin" and machine == "arm64"
+        return "mlx" if mac and mlx_installed else "torch"
+    return setting

@@ -158,6 +158,7 @@ class InstanceSpec(Model):
     model_id: str
     sharding: str = "pipeline"  # pipeline | tensor
     backend: str = "gloo"  # gloo | nccl
+    engine: str = "torch"  # torch | mlx: which engine its runners load the model with
     meta: str = "GlooInstance"  # the instance meta name shown in /state (exo-style)
     nodes: tuple[str, ...] = ()  # rank order
     layer_ranges: tuple[tuple[int, int], ...] = ()  # [start, end) per rank

@@ -1,0 +1,90 @@
+"""One MLX model in this process, batched: the Executor the scheduler (engine.generator) drives.
+
+Each admitted sequence is prefilled on its own KV cache, then merged into one left-padded batch
+cache (mlx-lm's BatchKVCache, one per layer); a decode step runs every running sequence as one
+batch. Rows of sequences that finished are dropped at the next step (`filter`), so the
+scheduler's slot moves need nothing here. Sampling is shoal's (engine.sampling), so both
+engines sample the same way from the same logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+import torch
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+
+from shoal.engine.config import ModelConfig
+from shoal.engine.generator import SamplerBank
+from shoal.engine.sampling import SamplingParams
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the attention scratch memory
+
+
+class MlxExecutor:
+    idle_every = None
+    failure = None
+    device = torch.device("cpu")  # where sampling runs; the model runs on mlx's device
+
+    def __init__(self, model: Any, config: ModelConfig, max_batch: int, max_seq_len: int) -> None:
+        self.model = model
+        self.config = config
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.sampler = SamplerBank()
+        self.keep_logits = False  # tests and tools: keep each step's logits in last_logits
+        self.last_logits: torch.Tensor | None = None
+        self._cache: list[BatchKVCache] | None = None
+        self._rows: list[int] = []  # the sequence id of each batch-cache row
+
+    def prefill(self, seq_id: int, slot: int, prompt: list[int], params: SamplingParams) -> int:
+        self.sampler.admit(seq_id, params)
+        cache = make_prompt_cache(self.model)
+        for start in range(0, len(prompt) - 1, PREFILL_CHUNK):
+            end = min(start + PREFILL_CHUNK, len(prompt) - 1)
+            self.model(mx.array([prompt[start:end]]), cache=cache)
+            mx.eval([c.state for c in cache])
+        logits = self.model(mx.array([prompt[-1:]]), cache=cache)
+        merged = [BatchKVCache.merge([c]) for c in cache]
+        if self._cache is None:
+            self._cache = merged
+        else:
+            for batch, one in zip(self._cache, merged, strict=True):
+                batch.extend(one)
+        self._rows.append(seq_id)
+        return self._sample([seq_id], logits)[0]
+
+    def decode(self, ids: list[int], tokens: list[int], positions: list[int]) -> list[int]:
+        self.sampler.retain(ids)
+        self._keep(ids)
+        assert self._cache is not None
+        logits = self.model(mx.array([[t] for t in tokens]), cache=self._cache)
+        return self._sample(ids, logits)
+
+    def _keep(self, ids: list[int]) -> None:
+        """Only the rows of `ids`, in that order (sequences that finished are dropped)."""
+        if ids == self._rows:
+            return
+        rows = [self._rows.index(i) for i in ids]
+        assert self._cache is not None
+        for layer in self._cache:
+            layer.filter(mx.array(rows))
+        self._rows = list(ids)
+
+    def _sample(self, ids: list[int], logits: mx.array) -> list[int]:
+        last = logits[:, -1, :].astype(mx.float32)
+        mx.eval(last)
+        scores = torch.from_numpy(np.array(last, copy=True))
+        if self.keep_logits:
+            self.last_logits = scores
+        return self.sampler.sample(ids, scores)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        pass  # rows follow the ids decode is given
+
+    def idle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._cache, self._rows = None, []
