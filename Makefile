@@ -35,6 +35,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/decode_vs_transformers.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/serving_path.py
+	$(BIN)/python bench/mlx_engine.py
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check src tests bench
