@@ -77,14 +77,13 @@ def convert_gguf(gguf: str | Path, cache: str | Path, bits: int | None = None) -
 
 def _write_weights(source: GGUFSource, out: Path, config: dict[str, Any], bits: int | None) -> None:
     import mlx.core as mx
-    from mlx.utils import tree_unflatten
     from mlx_lm.utils import _get_classes, quantize_model, save_model
 
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     weights = {n: mx.array(source.get(n).numpy()).astype(mx.float16) for n in source.names()}
-    model.load_weights(list(weights.items()), strict=False)
-    model.update(tree_unflatten(list(model.sanitize(dict(model.parameters())).items())))
+    # strict: a tensor the class does not expect, or one it lacks, fails the conversion
+    model.load_weights(list(model.sanitize(weights).items()))
     if bits is not None:
         model, config_q = quantize_model(model, config, group_size=64, bits=bits)
         config.update(config_q)

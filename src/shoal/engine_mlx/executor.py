@@ -33,8 +33,6 @@ class MlxExecutor:
         self.config = config
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.sampler = SamplerBank()
-        self.keep_logits = False  # tests and tools: keep each step's logits in last_logits
-        self.last_logits: torch.Tensor | None = None
         self._cache: list[BatchKVCache] | None = None
         self._rows: list[int] = []  # the sequence id of each batch-cache row
 
@@ -75,10 +73,7 @@ class MlxExecutor:
     def _sample(self, ids: list[int], logits: mx.array) -> list[int]:
         last = logits[:, -1, :].astype(mx.float32)
         mx.eval(last)
-        scores = torch.from_numpy(np.array(last, copy=True))
-        if self.keep_logits:
-            self.last_logits = scores
-        return self.sampler.sample(ids, scores)
+        return self.sampler.sample(ids, torch.from_numpy(np.array(last, copy=True)))
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         pass  # rows follow the ids decode is given

@@ -148,9 +148,9 @@ class MlxRank:
             )
         self.spec = spec
         self.path = Path(spec.model_path)
-        gguf = self.path.is_file()
+        self.gguf = self.path.is_file()  # converted into an MLX dir at load
         self.config = (
-            open_source(self.path).config if gguf
+            open_source(self.path).config if self.gguf
             else mlx_load.serving_config(mlx_load.check_dir(self.path))
         )  # fmt: skip
         check_spec(spec, self.config)
@@ -160,7 +160,7 @@ class MlxRank:
         from shoal.engine_mlx.convert import convert_gguf
 
         path = self.path
-        if path.is_file():
+        if self.gguf:
             cache = Path(self.spec.cache_dir) if self.spec.cache_dir else default_cache_dir().parent
             path = convert_gguf(path, cache)
         model, _ = mlx_load.load(path)
