@@ -41,6 +41,7 @@ STEPS = 12
 
 TINY = {
     "llama": {"intermediate_size": 96},
+    "qwen2": {"intermediate_size": 96},  # dense, and mlx-lm can pipeline it (llama it cannot)
     "qwen3_moe": {
         "intermediate_size": 96,
         "num_experts": 4,
@@ -53,7 +54,7 @@ TINY = {
 }
 
 
-def tiny_mlx_dir(directory: Path, arch: str, bits: int | None) -> Path:
+def tiny_mlx_dir(directory: Path, arch: str, bits: int | None, **overrides: object) -> Path:
     """A random model of mlx-lm's class for `arch`, saved as mlx-community publishes one."""
     config = {
         "model_type": arch,
@@ -68,6 +69,7 @@ def tiny_mlx_dir(directory: Path, arch: str, bits: int | None) -> Path:
         "tie_word_embeddings": False,
         "max_position_embeddings": 512,
         **TINY[arch],
+        **overrides,
     }
     mx.random.seed(7)
     model_class, args_class = _get_classes(config)
@@ -299,12 +301,12 @@ def test_a_node_with_engine_mlx_serves_the_bundled_model_to_the_openai_client(
 def test_engine_mlx_where_mlx_is_missing_is_a_startup_error(monkeypatch):
     import shoal.node as node_module
 
-    monkeypatch.setattr(node_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(node_module, "mlx_installed", lambda: False)
     with pytest.raises(StartupError, match="pip install 'shoal\\[mlx\\]'"):
         node_module._pick_engine("mlx")
 
 
-def test_an_mlx_instance_across_nodes_is_refused_before_any_weights_are_read(smollm2_mlx):
+def test_an_mlx_layout_mlx_lm_cannot_run_is_refused_before_any_weights_are_read(smollm2_mlx):
     from shoal.runner.build import open_rank
     from shoal.runner.spec import RunnerSpec
 
@@ -319,7 +321,13 @@ def test_an_mlx_instance_across_nodes_is_refused_before_any_weights_are_read(smo
         store_host="127.0.0.1",
         store_port=1,
     )
-    with pytest.raises(ValueError, match="runs on the torch engine"):
+    with pytest.raises(ValueError, match="runs over ring or jaccl, not gloo"):
         open_rank(spec)
+    ring = spec.model_copy(update={"backend": "ring"})
+    with pytest.raises(UnsupportedModelError, match="cannot split llama into pipeline stages"):
+        open_rank(ring)  # mlx-lm's llama has no pipeline
+    tensor = ring.model_copy(update={"sharding": "tensor", "layer_range": (0, 30)})
+    with pytest.raises(ValueError, match="9 heads|heads"):
+        open_rank(tensor)  # 9 heads do not split in two
     one = spec.model_copy(update={"world_size": 1, "layer_range": (0, 30)})
     assert open_rank(one).config.num_layers == 30

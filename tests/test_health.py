@@ -108,7 +108,12 @@ def test_inbound_records_are_not_judged():
 
 @pytest.mark.parametrize(
     ("text", "kind", "bound"),
-    [("", "vpn", 200.0), ("vpn=20", "vpn", 20.0), ("ethernet=5, wifi=30", "wifi", 30.0)],
+    [
+        ("", "vpn", 200.0),
+        ("", "loopback", 20.0),
+        ("vpn=20", "vpn", 20.0),
+        ("ethernet=5, wifi=30", "wifi", 30.0),
+    ],
 )
 def test_parse_bounds(text: str, kind: str, bound: float):
     assert parse_bounds(text).bound(kind) == bound

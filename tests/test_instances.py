@@ -383,10 +383,16 @@ def test_min_nodes_places_the_model_once_enough_nodes_hold_it(tmp_path: Path) ->
         )  # fmt: skip
         assert "Paris" in (answer.choices[0].message.content or "")
 
+        # A 2-core host pegged by loading and decoding starves the probes for a while (a
+        # loopback "degraded" or even "down" is then true); once idle, no alert stands.
+        wait_for(
+            "no standing path alert",
+            lambda: auto.get("a", "/cluster/alerts").json()["alerts"] == [],
+            timeout=60, every=1.0,
+        )  # fmt: skip
         metrics = auto.get("a", "/metrics").text
         assert 'shoal_instance_ready{instance="' in metrics and "} 1.0" in metrics, metrics
         assert "shoal_path_rtt_ms{" in metrics and 'shoal_alerts{kind="path"} 0.0' in metrics
-        assert auto.get("a", "/cluster/alerts").json()["alerts"] == []
 
         # a graceful stop leaves no runner process and no listening port behind
         runners = auto.json("a", "/state")["runners"].values()

@@ -51,8 +51,9 @@ def instance(
         (None, "gloo", "GlooInstance"),
         ("gloo", "gloo", "GlooInstance"),
         ("NCCL", "nccl", "NcclInstance"),
-        ("MlxRingInstance", "gloo", "MlxRingInstance"),
-        ("MlxJacclInstance", "nccl", "MlxJacclInstance"),
+        ("MlxRingInstance", "ring", "MlxRingInstance"),
+        ("MlxJacclInstance", "jaccl", "MlxJacclInstance"),
+        ("ring", "ring", "MlxRingInstance"),
         ("GlooInstance", "gloo", "GlooInstance"),
     ],
 )
@@ -60,7 +61,7 @@ def test_meta_names_and_exo_aliases(text: str | None, backend: str, meta: str) -
     assert parse_meta(text) == (backend, meta)
 
 
-@pytest.mark.parametrize("text", ["ring", "MlxIbvInstance", ""])
+@pytest.mark.parametrize("text", ["mesh", "MlxIbvInstance", ""])
 def test_unknown_meta_names_the_choices(text: str) -> None:
     if text == "":
         assert parse_meta(text)[0] == "gloo"  # empty means the default

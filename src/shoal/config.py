@@ -120,7 +120,8 @@ class RunSettings:
     rtt_bounds: str = _flag(
         "",
         "per link kind, the RTT (ms) past which a path is degraded and preflight refuses it, "
-        "e.g. 'vpn=50,ethernet=5' (defaults: thunderbolt 5, ethernet/veth 10, wifi 50, vpn 200)",
+        "e.g. 'vpn=50,ethernet=5' (defaults: thunderbolt 5, ethernet/veth 10, loopback 20, "
+        "wifi 50, vpn 200)",
     )
     suspect_after: float = _flag(2.0, "seconds without a report before a peer is suspect")
     gone_after: float = _flag(4.0, "seconds without a report before a peer is gone")

@@ -58,8 +58,10 @@ class Controller:
         auto_place: tuple[AutoPlace, ...] = (),
         context_tokens: int | None = None,
         library: Library | None = None,
+        capabilities: tuple[tuple[str, ...], tuple[str, ...]] = (("torch:cpu",), ("gloo",)),
     ) -> None:
         self.service = service
+        self.engines, self.backends = capabilities  # what this node reports it can run
         self.worker = worker
         self.library = library  # cards (blocked models) and the store this node reports
         self.auto_place = auto_place
@@ -166,6 +168,8 @@ class Controller:
     def report_fields(self) -> dict[str, Any]:
         models = tuple(m.held for m in self.worker.models.values())
         return dict(
+            engines=self.engines,
+            backends=self.backends,
             models=models,
             auto_place=self.auto_place,
             runners=self.worker.states(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib.util
 import ipaddress
 import json
 import logging
@@ -43,9 +42,10 @@ from shoal.engine.serving import pick_device
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 from shoal.models.cards import CardError, cards_digest, load_cards
 from shoal.models.library import Library
+from shoal.models.local import mlx_installed
 from shoal.models.store import ModelStore, parse_dirs
 from shoal.placement.plan import solo_instance
-from shoal.runner.spec import pick_engine
+from shoal.runner.spec import node_capabilities, pick_engine
 from shoal.schema.report import AutoPlace, ClusterPlan, HeldModel, InstanceSpec, RunnerState
 from shoal.schema.thresholds import parse_bounds
 from shoal.worker import Worker, WorkerSettings
@@ -84,11 +84,19 @@ def choose_model(settings: RunSettings) -> ModelChoice | None:
 
 
 def _pick_engine(setting: str) -> str:
-    installed = all(importlib.util.find_spec(m) is not None for m in ("mlx", "mlx_lm"))
     try:
-        return pick_engine(setting, platform.system(), platform.machine(), installed)
+        return pick_engine(setting, platform.system(), platform.machine(), mlx_installed())
     except ValueError as exc:
         raise StartupError(str(exc)) from None
+
+
+def _capabilities() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(engines, backends) this node can run, reported to its peers for placement."""
+    mps = getattr(torch.backends, "mps", None)
+    return node_capabilities(
+        platform.system(), platform.machine(), torch.cuda.is_available(),
+        bool(mps and mps.is_available()), mlx_installed(),
+    )  # fmt: skip
 
 
 def _default_model_id(path: Path) -> str:
@@ -113,6 +121,7 @@ class Node:
             )
         self.device = pick_device(settings.device)
         self.engine = _pick_engine(settings.engine)
+        self.engines, self.backends = _capabilities()
         self.library = self._library()
         self.held = self.library.models  # updated in place when a download completes
         self._server: _Server | None = None
@@ -171,6 +180,7 @@ class Node:
             configured=(choice.id, choice.path) if choice else None,
             device=self.device,
             offline=s.offline,
+            backends=self.backends,
         )
         try:
             library.refresh()
@@ -263,6 +273,7 @@ class Node:
                 self._auto_place(),
                 self.settings.max_seq_len,
                 self.library,
+                capabilities=(self.engines, self.backends),
             )
             try:
                 await self.cluster.start(self.controller)

@@ -195,6 +195,8 @@ class Worker:
             store_host=instance.store_address,
             store_port=instance.store_port,
             ifname=instance.rank_interfaces[rank] if rank < len(instance.rank_interfaces) else None,
+            rank_hosts=instance.rank_addresses,
+            rdma_devices=instance.rdma_devices,
             device=s.device,
             max_batch=s.max_batch,
             max_seq_len=s.max_seq_len,

@@ -28,8 +28,11 @@ class MlxExecutor:
     failure = None
     device = torch.device("cpu")  # where sampling runs; the model runs on mlx's device
 
-    def __init__(self, model: Any, config: ModelConfig, max_batch: int, max_seq_len: int) -> None:
+    def __init__(
+        self, model: Any, config: ModelConfig, max_batch: int, max_seq_len: int, sample: bool = True
+    ) -> None:
         self.model = model
+        self.sample = sample  # False on an MLX instance's followers: rank 0 samples
         self.config = config
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.sampler = SamplerBank()
@@ -72,7 +75,9 @@ class MlxExecutor:
 
     def _sample(self, ids: list[int], logits: mx.array) -> list[int]:
         last = logits[:, -1, :].astype(mx.float32)
-        mx.eval(last)
+        mx.eval(last)  # on every rank: the model's collectives run here
+        if not self.sample:
+            return [0] * len(ids)
         return self.sampler.sample(ids, torch.from_numpy(np.array(last, copy=True)))
 
     def move_slot(self, src: int, dst: int, length: int) -> None:

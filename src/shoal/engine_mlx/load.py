@@ -45,6 +45,18 @@ def supports(arch: str) -> tuple[bool, bool]:
     )
 
 
+def check_sharding(arch: str, sharding: str) -> None:
+    """Refuse a layout mlx-lm cannot run `arch` in, naming both."""
+    tensor, pipeline = supports(arch)
+    if sharding == "tensor" and not tensor:
+        raise UnsupportedModelError(f"mlx-lm cannot shard {arch} for tensor parallel")
+    if sharding == "pipeline" and not pipeline:
+        raise UnsupportedModelError(
+            f"mlx-lm cannot split {arch} into pipeline stages"
+            + (": use tensor parallel" if tensor else "")
+        )
+
+
 def check_dir(path: str | Path) -> dict[str, Any]:
     """The dir's config, once its architecture is known to mlx-lm and every weight file its
     index names is there."""
@@ -92,10 +104,36 @@ def serving_config(config: dict[str, Any]) -> ModelConfig:
     )
 
 
-def load(path: str | Path) -> tuple[Any, ModelConfig]:
-    """The mlx-lm model (quantized layers stay quantized) and its serving config."""
+def load(
+    path: str | Path,
+    group: Any = None,
+    sharding: str = "pipeline",
+    layers: tuple[int, int] | None = None,
+) -> tuple[Any, ModelConfig]:
+    """The mlx-lm model (quantized layers stay quantized) and its serving config. With a group
+    of several ranks, this rank's part only: its pipeline stage `layers` (shoal's rank order)
+    or its tensor shard. Weights load lazily, so the layers another stage holds are never read."""
+    import mlx.core as mx
     from mlx_lm.utils import load_model
 
     config = check_dir(path)
-    model, _ = load_model(Path(path))
-    return model, serving_config(config)
+    serving = serving_config(config)
+    model, _ = load_model(Path(path), lazy=True)
+    if group is not None and group.size() > 1:
+        check_sharding(model_type(config), sharding)
+        if sharding == "tensor":
+            model.shard(group)
+        else:
+            stages = getattr(model, "model", None)
+            if not hasattr(stages, "pipeline"):  # the pipeline is on a class deeper down
+                raise UnsupportedModelError(
+                    f"mlx-lm's {model_type(config)} has no pipeline on its text model"
+                )
+            from shoal.engine_mlx.group import mlx_rank, pipeline_split
+
+            start, end = layers or (0, serving.num_layers)
+            world = group.size()
+            rank = mlx_rank(group.rank(), world)  # the mapping is its own inverse: shoal rank
+            stages.pipeline(group, pipeline_split(start, end, serving.num_layers, rank, world))
+    mx.eval(model.parameters())
+    return model, serving

@@ -22,7 +22,7 @@ from shoal.schema.reasons import Reason, reason, render
 
 BUILTIN_DIR = Path(__file__).with_name("cards")
 STATUSES = ("active", "blocked", "watch", "deprecated")
-BACKENDS = ("gloo", "nccl")
+BACKENDS = ("gloo", "nccl", "ring", "jaccl")  # torch: gloo, nccl; mlx: ring, jaccl
 
 
 class CardError(ValueError):
@@ -37,7 +37,7 @@ class ModelCard(BaseModel):
     format: Literal["safetensors", "gguf"] | None = None  # None: whatever the files are
     file: str | None = None  # the GGUF file to load when a dir holds several
     # None: every backend the node supports (older cards predate the field)
-    backends: tuple[Literal["gloo", "nccl"], ...] | None = None
+    backends: tuple[Literal["gloo", "nccl", "ring", "jaccl"], ...] | None = None
     include: tuple[str, ...] = ()  # `shoal models pull` patterns, as `hf download --include`
     expected_shards: int | None = Field(None, ge=1)  # safetensors shards, or GGUF files
     min_disk_gb: float | None = Field(None, ge=0)

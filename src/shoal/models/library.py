@@ -32,13 +32,16 @@ class Library:
     configured: tuple[str, Path] | None = None  # --model, with the id clients use
     device: str = "cpu"
     offline: bool = False
+    backends: tuple[str, ...] = ("gloo", "nccl")  # what this node can run (node_capabilities)
     models: dict[str, LocalModel] = field(default_factory=dict)  # held; updated in place
     _downloads: dict[str, DownloadState] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def scan(self) -> dict[str, LocalModel]:
         """Read every held model's metadata again (after a download, say)."""
-        return local_models(self.configured, self.device, self.store, self.cards)
+        return local_models(
+            self.configured, self.device, self.store, self.cards, self.backends
+        )
 
     def refresh(self) -> None:
         self._adopt(self.scan())

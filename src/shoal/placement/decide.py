@@ -251,7 +251,7 @@ def place(
     window = first.context_length or 4096
     context = min(config.context_tokens or window, window)  # the KV budget per rank
     request = PlacementRequest(
-        model=model_spec(first),
+        model=model_spec(first, ask.backend),
         sharding=ask.sharding,  # type: ignore[arg-type]
         backend=ask.backend,  # type: ignore[arg-type]
         min_nodes=ask.min_nodes,

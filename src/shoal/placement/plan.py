@@ -36,16 +36,25 @@ from shoal.schema.report import (
     RunnerState,
 )
 
-# Instance meta names: shoal's own, and exo's accepted as aliases (ring -> gloo, jaccl -> nccl).
+# Instance meta names: shoal's own and exo's. Gloo and NCCL instances run on the torch
+# engine; MlxRing (mx.distributed ring, TCP) and MlxJaccl (RDMA over Thunderbolt 5) on mlx.
 META_BACKEND = {
     "gloo": "gloo",
     "nccl": "nccl",
+    "ring": "ring",
+    "jaccl": "jaccl",
     "glooinstance": "gloo",
     "ncclinstance": "nccl",
-    "mlxringinstance": "gloo",
-    "mlxjacclinstance": "nccl",
+    "mlxringinstance": "ring",
+    "mlxjacclinstance": "jaccl",
 }
-META_NAME = {"gloo": "GlooInstance", "nccl": "NcclInstance"}
+META_NAME = {
+    "gloo": "GlooInstance",
+    "nccl": "NcclInstance",
+    "ring": "MlxRingInstance",
+    "jaccl": "MlxJacclInstance",
+}
+BACKEND_ENGINE = {"gloo": "torch", "nccl": "torch", "ring": "mlx", "jaccl": "mlx"}
 STORE_PORTS = (41000, 48999)  # TCPStore ports, picked per instance id
 
 
@@ -53,9 +62,7 @@ def parse_meta(text: str | None) -> tuple[str, str]:
     """An instance_meta value -> (backend, meta name shown in /state)."""
     backend = META_BACKEND.get((text or "gloo").strip().lower())
     if backend is None:
-        names = ", ".join(
-            ["gloo", "nccl", *META_NAME.values(), "MlxRingInstance", "MlxJacclInstance"]
-        )
+        names = ", ".join(["gloo", "nccl", "ring", "jaccl", *META_NAME.values()])
         raise ValueError(f"unknown instance_meta {text!r}; use one of {names}")
     named = text is not None and text.strip().lower().endswith("instance")
     return backend, (text.strip() if named and text else META_NAME[backend])
@@ -159,9 +166,13 @@ def pending_auto_places(reports: Sequence[NodeReport], plan: ClusterPlan) -> lis
 # ---- placement inputs and outputs -------------------------------------------------------------
 
 
-def model_spec(held: HeldModel) -> ModelSpec:
-    """Placement's view of a held model: the report fields it shares with ModelSpec."""
-    return ModelSpec(**{f.name: getattr(held, f.name) for f in dataclasses.fields(ModelSpec)})
+def model_spec(held: HeldModel, backend: str = "gloo") -> ModelSpec:
+    """Placement's view of a held model: the report fields it shares with ModelSpec. On the
+    MLX engine its weights take what its files hold (quantized stay quantized)."""
+    spec = ModelSpec(**{f.name: getattr(held, f.name) for f in dataclasses.fields(ModelSpec)})
+    if BACKEND_ENGINE.get(backend) == "mlx" and held.mlx_weight_bytes:
+        return dataclasses.replace(spec, weight_bytes=held.mlx_weight_bytes, dtype_bytes=2)
+    return spec
 
 
 def holders(reports: Iterable[NodeReport], model_id: str) -> dict[str, HeldModel]:
@@ -228,6 +239,7 @@ def instance_from_placement(
         model_id=request.model.model_id,
         sharding=request.sharding,
         backend=request.backend,
+        engine=BACKEND_ENGINE[request.backend],
         meta=meta,
         nodes=placement.nodes,
         layer_ranges=placement.layer_ranges,
@@ -238,6 +250,7 @@ def instance_from_placement(
             interface_for(reports.get(node), addr)
             for node, addr in zip(placement.nodes, placement.rank_addresses, strict=True)
         ),
+        rdma_devices=placement.rdma_devices,
         created_at=now,
         generation=generation,
         reason=reason,

@@ -29,8 +29,9 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from shoal.placement.addressing import RECENT_S, PathOption, host_of, options_to, rank_key
+from shoal.schema.address import interface_holding
 from shoal.schema.reasons import CandidateReason, PathRef, Reason, Refusal, reason
-from shoal.schema.report import NodeReport
+from shoal.schema.report import HeldModel, InterfaceInfo, NodeReport
 
 GIB = 1024**3
 MAX_EXHAUSTIVE = 8
@@ -54,11 +55,14 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
 
+MLX_BACKENDS = ("ring", "jaccl")  # mx.distributed's: the MLX engine's instances
+
+
 @dataclass(frozen=True)
 class PlacementRequest:
     model: ModelSpec
     sharding: Literal["pipeline", "tensor"] = "pipeline"
-    backend: Literal["gloo", "nccl"] = "gloo"
+    backend: Literal["gloo", "nccl", "ring", "jaccl"] = "gloo"
     min_nodes: int = 1
     max_nodes: int | None = None
     node_filter: frozenset[str] | None = None
@@ -74,6 +78,7 @@ class Placement:
     store_address: str  # rank 0's host, reachable by every other rank
     rank_addresses: tuple[str, ...]  # rank 0: the store; rank i: as rank i-1 dials it
     slowest_hop_ms: float | None  # None for one node or when a ring hop has no measured RTT
+    rdma_devices: tuple[tuple[str | None, ...], ...] = ()  # jaccl: [i][j] rank i's device to j
 
 
 class _Links:
@@ -151,6 +156,10 @@ def plan(
         for n in sorted(request.node_filter - by_id.keys()):
             refuse((n,), reason("node_not_alive", nodes=(n,)))
         eligible = [n for n in eligible if n in request.node_filter]
+    backend_refusals = {n: why for n in eligible if (why := _backend_refusal(by_id[n], request))}
+    for n, why in backend_refusals.items():
+        refuse((n,), why)
+    eligible = [n for n in eligible if n not in backend_refusals]
     if request.backend == "nccl":  # NCCL runs on CUDA devices only: a CPU-only rank cannot join
         for n in [n for n in eligible if not _has_cuda(by_id[n])]:
             refuse((n,), reason("no_cuda", nodes=(n,)))
@@ -183,6 +192,10 @@ def _try(
 ) -> Placement | list[Reason]:
     """One node set: a placement, or every reason it cannot host the model."""
     m, n = req.model, len(nodes)
+    if req.backend in MLX_BACKENDS and n > 1:
+        layouts = [r for x in nodes if (r := _mlx_layout_refusal(by_id[x], req))]
+        if layouts:
+            return layouts
     if req.sharding == "tensor":
         bad = [(k, v) for k, v in (("heads", m.num_heads), ("kv heads", m.num_kv_heads),
                ("hidden size", m.hidden_size)) if v % n]  # fmt: skip
@@ -221,7 +234,73 @@ def _try(
         for i in range(n)
     )
     dialled = [store] + [links.working(a, b)[0].peer_addr for a, b in hops[:-1]]
-    return Placement(tuple(order), ranges, rank0, store, tuple(dialled), slowest)
+    devices: tuple[tuple[str | None, ...], ...] = ()
+    if req.backend == "jaccl" and n > 1:
+        matrix = rdma_matrix(order, by_id, links)
+        if isinstance(matrix, list):
+            return matrix
+        devices = matrix
+    return Placement(tuple(order), ranges, rank0, store, tuple(dialled), slowest, devices)
+
+
+def held_model(r: NodeReport, model_id: str) -> HeldModel | None:
+    return next((m for m in r.models if m.model_id == model_id), None)
+
+
+def _backend_refusal(r: NodeReport, req: PlacementRequest) -> Reason | None:
+    """A node whose copy of the model may not use the backend: its card does not list it, or
+    the node cannot run it (no MLX engine for ring/jaccl)."""
+    held = held_model(r, req.model.model_id)
+    if held is None or req.backend in held.backends:
+        return None
+    return reason("no_backend", nodes=(r.node_id,), model=held.model_id, backend=req.backend,
+                  allowed=held.backends)  # fmt: skip
+
+
+def _mlx_layout_refusal(r: NodeReport, req: PlacementRequest) -> Reason | None:
+    """mlx-lm splits a model only where its class can (`shard`: tensor, `pipeline`)."""
+    held = held_model(r, req.model.model_id)
+    if held is None or req.sharding in held.mlx_layouts:
+        return None
+    others = [x for x in held.mlx_layouts if x != req.sharding]
+    return reason("mlx_layout", nodes=(r.node_id,), arch=held.arch or "this model",
+                  sharding=req.sharding, other=others[0] if others else "")  # fmt: skip
+
+
+def rdma_matrix(
+    order: Sequence[str], by_id: dict[str, NodeReport], links: _Links
+) -> tuple[tuple[str | None, ...], ...] | list[Reason]:
+    """JACCL's device matrix: [i][j] is rank i's RDMA device (rdma_<interface>) on its link to
+    rank j, the interface of i that shares a subnet with the address i reaches j at; or a
+    reason per link without one (JACCL meshes every pair)."""
+    rows: list[tuple[str | None, ...]] = []
+    problems: list[Reason] = []
+    for a in order:
+        row: list[str | None] = []
+        for b in order:
+            if a == b:
+                row.append(None)
+                continue
+            best = links.best(a, b) or links.best(b, a)
+            host = best.peer_addr if best else ""
+            info = _interface_toward(by_id[a], host)
+            if info is None or not info.rdma:
+                iface = info.name if info else "no interface"
+                problems.append(
+                    reason("no_rdma", nodes=(a, b), path=PathRef(a, b, host), interface=iface)
+                )
+                row.append(None)
+            else:
+                row.append(f"rdma_{info.name}")
+        rows.append(tuple(row))
+    return problems or tuple(rows)
+
+
+def _interface_toward(r: NodeReport, host: str) -> InterfaceInfo | None:
+    """The interface of r on the subnet of a peer's address (a direct cable's own subnet)."""
+    pairs = ((i.name, c) for i in r.interfaces for c in i.addresses)
+    name = interface_holding(host, pairs) if host else None
+    return next((i for i in r.interfaces if i.name == name), None)
 
 
 def _has_cuda(r: NodeReport) -> bool:

@@ -7,6 +7,7 @@ process drives either the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +28,8 @@ def rendezvous_of(spec: RunnerSpec) -> Rendezvous:
         world_size=spec.world_size,
         store_host=spec.store_host,
         store_port=spec.store_port,
-        backend=spec.backend,
+        # an MLX instance's step headers go over gloo; its model's collectives over ring/jaccl
+        backend="nccl" if spec.backend == "nccl" else "gloo",
         ifname=spec.ifname,
         attempts=spec.init_attempts,
         window_s=spec.init_window_s,
@@ -103,14 +105,22 @@ def build_follower(
     )
 
 
+class Following(Protocol):
+    """A follower rank's loop (engine.lockstep.Follower, engine_mlx.lockstep.MlxFollower)."""
+
+    def request_stop(self) -> None: ...
+
+    def run(self, on_step: Callable[[], None] | None = None) -> None: ...
+
+
 class Rank(Protocol):
     config: ModelConfig  # known before any weights are read
 
-    def load(self) -> Any: ...
+    def load(self, peers: Peers | None) -> Any: ...
 
     def executor(self, peers: Peers | None, model: Any) -> Executor: ...
 
-    def follower(self, peers: Peers, model: Any) -> Follower: ...
+    def follower(self, peers: Peers, model: Any) -> Following: ...
 
 
 class TorchRank:
@@ -122,7 +132,7 @@ class TorchRank:
         check_spec(spec, self.source.config)
         self.config = self.source.config
 
-    def load(self) -> Transformer:
+    def load(self, peers: Peers | None) -> Transformer:
         model = load_rank_model(self.spec, self.source)
         release_freed_memory()
         return model
@@ -136,15 +146,15 @@ class TorchRank:
 
 class MlxRank:
     """This rank on mlx-lm (shoal.engine_mlx): an MLX or HF dir, or a GGUF file converted once
-    into an MLX dir in the cache."""
+    into an MLX dir in the cache. Across nodes its model's collectives run over mx.distributed
+    (ring or jaccl) and its steps in lockstep with rank 0 (engine_mlx.lockstep)."""
 
     def __init__(self, spec: RunnerSpec) -> None:
         from shoal.engine_mlx import load as mlx_load
 
-        if spec.world_size > 1:
+        if spec.world_size > 1 and spec.backend not in ("ring", "jaccl"):
             raise ValueError(
-                "the MLX engine serves a model on one node so far; an instance across nodes "
-                "(ring, JACCL) runs on the torch engine"
+                f"an MLX instance across nodes runs over ring or jaccl, not {spec.backend}"
             )
         self.spec = spec
         self.path = Path(spec.model_path)
@@ -154,26 +164,41 @@ class MlxRank:
             else mlx_load.serving_config(mlx_load.check_dir(self.path))
         )  # fmt: skip
         check_spec(spec, self.config)
+        if spec.world_size > 1:
+            mlx_load.check_sharding(self.config.arch, spec.sharding)
 
-    def load(self) -> Any:
+    def load(self, peers: Peers | None) -> Any:
         from shoal.engine_mlx import load as mlx_load
         from shoal.engine_mlx.convert import convert_gguf
+        from shoal.engine_mlx.group import join_group
 
-        path = self.path
+        spec, path = self.spec, self.path
         if self.gguf:
-            cache = Path(self.spec.cache_dir) if self.spec.cache_dir else default_cache_dir().parent
+            cache = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir().parent
             path = convert_gguf(path, cache)
-        model, _ = mlx_load.load(path)
+        group = None
+        if peers is not None:
+            hosts = spec.rank_hosts or (spec.store_host,) * spec.world_size
+            group = join_group(peers, spec.backend, hosts, spec.rdma_devices)
+        model, _ = mlx_load.load(path, group, spec.sharding, tuple(spec.layer_range))
         return model
 
-    def executor(self, peers: Peers | None, model: Any) -> Executor:
+    def _local(self, model: Any, sample: bool) -> Any:
         from shoal.engine_mlx.executor import MlxExecutor
 
         max_seq_len = context_length(self.config, self.spec.max_seq_len)
-        return MlxExecutor(model, self.config, self.spec.max_batch, max_seq_len)
+        return MlxExecutor(model, self.config, self.spec.max_batch, max_seq_len, sample=sample)
 
-    def follower(self, peers: Peers, model: Any) -> Follower:
-        raise ValueError("the MLX engine has no followers yet: it serves 1-rank instances")
+    def executor(self, peers: Peers | None, model: Any) -> Executor:
+        from shoal.engine_mlx.lockstep import MlxLockstep
+
+        local = self._local(model, sample=True)
+        return local if peers is None else MlxLockstep(local, peers, self.spec.heartbeat_s)
+
+    def follower(self, peers: Peers, model: Any) -> Following:
+        from shoal.engine_mlx.lockstep import MlxFollower
+
+        return MlxFollower(self._local(model, sample=False), peers, self.spec.heartbeat_s + 1.0)
 
 
 def open_rank(spec: RunnerSpec) -> Rank:

@@ -22,10 +22,9 @@ import uvicorn
 
 from shoal.engine.distributed import InitError, PeerLostError, Peers, join
 from shoal.engine.generator import Executor, Generator
-from shoal.engine.lockstep import Follower
 from shoal.engine.serving import ServedModel
 from shoal.engine.tokenizer import Tokenizer
-from shoal.runner.build import Rank, open_rank, rendezvous_of
+from shoal.runner.build import Following, Rank, open_rank, rendezvous_of
 from shoal.runner.endpoint import Readiness, create_endpoint
 from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine
 
@@ -70,7 +69,7 @@ class Runner:
         self.status = status
         self.stopping = threading.Event()
         self.serving = False
-        self.follower: Follower | None = None
+        self.follower: Following | None = None
         self.peers: Peers | None = None
 
     def on_sigterm(self, signum: int, frame: object) -> None:
@@ -89,7 +88,7 @@ class Runner:
             if spec.world_size > 1:  # a model served alone meets nobody
                 self.peers = join(rendezvous_of(spec))
             self.status("loading")
-            model = rank.load()
+            model = rank.load(self.peers)
             tokenizer = (
                 Tokenizer.load(spec.model_path, spec.tokenizer_cache) if spec.rank == 0 else None
             )

@@ -25,7 +25,9 @@ class RunnerSpec(BaseModel):
     model_id: str
     model_path: str
     sharding: Literal["pipeline", "tensor"] = "pipeline"
-    backend: Literal["gloo", "nccl"] = "gloo"
+    # torch: gloo or nccl. mlx: ring (TCP) or jaccl (RDMA) carry the model's collectives,
+    # while the step headers go over a gloo group on the same rendezvous.
+    backend: Literal["gloo", "nccl", "ring", "jaccl"] = "gloo"
     engine: Literal["torch", "mlx"] = "torch"  # torch: shoal.engine; mlx: shoal.engine_mlx
     rank: int
     world_size: int
@@ -33,6 +35,8 @@ class RunnerSpec(BaseModel):
     store_host: str  # rank 0's address every rank dials (TCPStore)
     store_port: int
     ifname: str | None = None  # GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME for this rank
+    rank_hosts: tuple[str, ...] = ()  # mlx ring: where each rank listens (placement's choice)
+    rdma_devices: tuple[tuple[str | None, ...], ...] = ()  # jaccl: [i][j] rank i's device to j
     device: str = "cpu"
     max_batch: int = 4
     max_seq_len: int | None = None
@@ -56,6 +60,22 @@ class StatusLine(BaseModel):
     port: int | None = None  # rank 0: its generation endpoint
     tokens: int | None = None  # rank 0: tokens generated so far
     context_length: int | None = None  # rank 0: the longest sequence it serves
+
+
+def node_capabilities(
+    system: str, machine: str, cuda: bool, mps: bool, mlx_installed: bool
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(engines as engine:device, instance backends) a node can run. torch runs everywhere
+    (gloo over TCP; nccl on CUDA); mlx where installed: Metal on an Apple-silicon Mac, its CPU
+    build elsewhere, the ring over TCP anywhere, JACCL (RDMA over Thunderbolt 5) only on Macs."""
+    mac = system == "Darwin" and machine == "arm64"
+    torch_device = "cuda" if cuda else "mps" if mps else "cpu"
+    engines = [f"torch:{torch_device}"]
+    backends = ["gloo", *(["nccl"] if cuda else [])]
+    if mlx_installed:
+        engines.append("mlx:metal" if mac else "mlx:cpu")
+        backends += ["ring", *(["jaccl"] if mac else [])]
+    return tuple(engines), tuple(backends)
 
 
 def pick_engine(setting: str, system: str, machine: str, mlx_installed: bool) -> str:

@@ -131,6 +131,11 @@ TEMPLATES: dict[str, str] = {
     # placement (planner, plan, the controller's checks before it)
     "node_not_alive": "node {node} is not alive",
     "no_cuda": "node {node} has no CUDA GPU (the nccl backend needs one per rank)",
+    "no_backend": "node {node} may not run {model} over {backend} (its card and engines "
+    "allow {allowed}){hint}",
+    "mlx_layout": "mlx-lm on node {node} cannot run {arch} as {sharding}{hint}",
+    "no_rdma": "jaccl needs RDMA on every link: {src} -> {dst} at {host} goes over "
+    "{interface}, which has no RDMA device (enable RDMA on it, or use MlxRingInstance)",
     "too_few_nodes": "needs >= {needed} nodes, {alive} alive{with_cuda}",
     "tensor_indivisible": "tensor parallel over {ways} nodes: {indivisible} "
     "not divisible by {ways}",
@@ -185,6 +190,16 @@ def _derived(r: Reason) -> dict[str, Any]:
     code = r.code
     if code == "too_few_nodes":
         return {"with_cuda": " with a CUDA GPU" if r.fact("cuda") else ""}
+    if code == "no_backend":
+        allowed = r.fact("allowed", ())
+        mlx = r.fact("backend") in ("ring", "jaccl") and not {"ring", "jaccl"} & set(allowed)
+        return {
+            "allowed": ", ".join(allowed) or "none",
+            "hint": "; install the MLX engine there: pip install 'shoal[mlx]'" if mlx else "",
+        }
+    if code == "mlx_layout":
+        other = r.fact("other")
+        return {"hint": f"; it can run as {other}" if other else ""}
     if code == "tensor_indivisible":
         return {"indivisible": " / ".join(f"{v} {name}" for name, v in r.fact("indivisible", ()))}
     if code == "no_path":

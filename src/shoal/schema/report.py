@@ -110,6 +110,8 @@ class NodeReport(Model):
     api_port: int = 0
     addresses: tuple[str, ...] = ()  # where peers may reach this node's API (host:port)
     resources: Resources = Resources()
+    engines: tuple[str, ...] = ()  # engine:device it can run: torch:cpu, torch:cuda, mlx:metal
+    backends: tuple[str, ...] = ()  # instance backends it can run: gloo, nccl, ring, jaccl
     interfaces: tuple[InterfaceInfo, ...] = ()
     thunderbolt: tuple[ThunderboltLink, ...] = ()
     links: tuple[PathStats, ...] = ()
@@ -138,6 +140,11 @@ class HeldModel(Model):
     weight_bytes: int  # bytes the weights take once loaded on this node's device and dtype
     dtype_bytes: int = 4
     context_length: int = 0
+    arch: str = ""  # model_type / general.architecture
+    # what this node may place it with: the card's backends that the node can run
+    backends: tuple[str, ...] = ("gloo", "nccl")
+    mlx_layouts: tuple[str, ...] = ()  # pipeline / tensor: what mlx-lm can split it into here
+    mlx_weight_bytes: int = 0  # bytes its weights take on the MLX engine (quantized stay so)
     files_digest: str | None = None  # paths and sizes of its files: nodes that differ don't mix
 
 
@@ -147,7 +154,7 @@ class AutoPlace(Model):
     model_id: str
     min_nodes: int = 2
     sharding: str = "pipeline"  # pipeline | tensor
-    backend: str = "gloo"  # gloo | nccl
+    backend: str = "gloo"  # gloo | nccl | ring | jaccl
     allow_blocked: bool = False  # `shoal run --allow-blocked`: the card's block is overridden
 
 
@@ -157,7 +164,7 @@ class InstanceSpec(Model):
     instance_id: str
     model_id: str
     sharding: str = "pipeline"  # pipeline | tensor
-    backend: str = "gloo"  # gloo | nccl
+    backend: str = "gloo"  # gloo | nccl (torch engine) | ring | jaccl (mlx engine)
     engine: str = "torch"  # torch | mlx: which engine its runners load the model with
     meta: str = "GlooInstance"  # the instance meta name shown in /state (exo-style)
     nodes: tuple[str, ...] = ()  # rank order
@@ -166,6 +173,7 @@ class InstanceSpec(Model):
     store_port: int = 0
     rank_addresses: tuple[str, ...] = ()  # where each rank is reached
     rank_interfaces: tuple[str | None, ...] = ()  # GLOO/NCCL_SOCKET_IFNAME per rank
+    rdma_devices: tuple[tuple[str | None, ...], ...] = ()  # jaccl: [i][j] rank i's device to j
     created_at: float = 0.0
     generation: int = 0  # bumped when the leader re-places it (failover, recovery)
     reason: str = ""  # why this generation was placed

@@ -1,0 +1,149 @@
+"""Lockstep for MLX instances: rank 0 schedules, every rank runs the same steps.
+
+mlx-lm's sharded models put their collectives inside the forward pass (a pipeline stage
+receives from the stage before it and every rank gathers the last hidden state; a tensor
+shard all-sums inside each block), so every rank must call the model with the same rows in the
+same order. Before each step rank 0 broadcasts the step header of engine.lockstep (the op, the
+sequence ids, a decode's tokens; a prefill's prompt follows in a second broadcast) over the
+instance's gloo group, then all ranks run the step on their own MlxExecutor, whose batch cache
+therefore moves alike everywhere. Only rank 0 samples: its tokens come back to every rank in
+the next decode header.
+
+The gloo group brings the heartbeat and the step timeout of the torch instances (a follower
+whose rank 0 is gone stops waiting), and a peer lost inside the model's own collectives is an
+mx error: either breaks the instance for good, as on torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from shoal.engine.distributed import PeerLostError, Peers
+from shoal.engine.lockstep import HeaderCodec, Op, StepHeader
+from shoal.engine.sampling import SamplingParams
+from shoal.engine_mlx.executor import MlxExecutor
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FOLLOWER = SamplingParams(max_tokens=1, temperature=0)  # followers never sample
+
+
+def _lost(exc: Exception) -> PeerLostError:
+    if isinstance(exc, PeerLostError):
+        return exc
+    return PeerLostError(f"the MLX group failed: {str(exc).strip() or type(exc).__name__}")
+
+
+class MlxLockstep:
+    """Rank 0's executor: tells the others each step, then runs it on its own shard."""
+
+    def __init__(self, local: MlxExecutor, peers: Peers, heartbeat_s: float) -> None:
+        self.local, self.peers, self.config = local, peers, local.config
+        self.max_batch, self.max_seq_len = local.max_batch, local.max_seq_len
+        self.device = local.device
+        self.idle_every = heartbeat_s
+        self.codec = HeaderCodec(local.max_batch)
+        self.head = torch.zeros(self.codec.size, dtype=torch.int64)
+        self.failure: str | None = None
+
+    def prefill(self, seq_id: int, slot: int, prompt: list[int], params: SamplingParams) -> int:
+        def step() -> int:
+            self._send(StepHeader(Op.PREFILL, len(prompt), slot, 0, (seq_id,)))
+            self.peers.broadcast(torch.tensor(prompt, dtype=torch.int64), 0)
+            return self.local.prefill(seq_id, slot, prompt, params)
+
+        return self._run(step)
+
+    def decode(self, ids: list[int], tokens: list[int], positions: list[int]) -> list[int]:
+        def step() -> list[int]:
+            header = StepHeader(
+                Op.DECODE, len(ids), ids=tuple(ids), positions=tuple(positions),
+                tokens=tuple(tokens),
+            )  # fmt: skip
+            self._send(header)
+            return self.local.decode(ids, tokens, positions)
+
+        return self._run(step)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        pass  # rows follow the ids each decode header names, on every rank
+
+    def idle(self) -> None:
+        self._run(lambda: self._send(StepHeader(Op.NOOP)))
+
+    def close(self) -> None:
+        """Tell the other ranks to stop (best effort: a broken instance has no one to tell)."""
+        if self.failure is None:
+            try:
+                self._run(lambda: self._send(StepHeader(Op.STOP)))
+            except PeerLostError as exc:
+                log.warning("could not tell the other ranks to stop: %s", exc)
+            self.failure = "the instance is stopped"
+        self.local.close()
+
+    def _send(self, header: StepHeader) -> None:
+        self.head.copy_(torch.tensor(self.codec.pack(header), dtype=torch.int64))
+        self.peers.broadcast(self.head, 0)
+
+    def _run(self, step: Callable[[], T]) -> T:
+        """One step with the other ranks; any error breaks the instance for good (the ranks
+        may now disagree on what ran)."""
+        if self.failure is not None:
+            raise PeerLostError(self.failure)
+        try:
+            return step()
+        except Exception as exc:
+            lost = _lost(exc)
+            self.failure = str(lost)
+            raise lost from exc
+
+
+class MlxFollower:
+    """Ranks 1..n-1: run each step rank 0 broadcasts, until it says stop.
+
+    After `request_stop` it keeps following for up to stop_grace_s (rank 0 may still want to
+    say stop), checked after each header: rank 0's heartbeat comes every heartbeat_s."""
+
+    def __init__(self, local: MlxExecutor, peers: Peers, stop_grace_s: float = 3.0) -> None:
+        self.local, self.peers = local, peers
+        self.codec = HeaderCodec(local.max_batch)
+        self.head = torch.zeros(self.codec.size, dtype=torch.int64)
+        self.stop_grace_s = stop_grace_s
+        self.stop_by: float | None = None
+        self.steps = 0
+
+    def request_stop(self) -> None:
+        if self.stop_by is None:
+            self.stop_by = time.monotonic() + self.stop_grace_s
+
+    def run(self, on_step: Callable[[], None] | None = None) -> None:
+        """Follow rank 0's steps; on_step is called after each model step run here."""
+        try:
+            while True:
+                op = self._step()
+                if op == Op.STOP or (self.stop_by is not None and time.monotonic() > self.stop_by):
+                    return
+                if op in (Op.PREFILL, Op.DECODE):
+                    self.steps += 1
+                    if on_step is not None:
+                        on_step()
+        except Exception as exc:
+            raise _lost(exc) from exc
+        finally:
+            self.local.close()
+
+    def _step(self) -> Op:
+        self.peers.broadcast(self.head, 0)
+        header = self.codec.unpack(self.head.tolist())
+        if header.op == Op.PREFILL:
+            prompt = torch.empty(header.rows, dtype=torch.int64)
+            self.peers.broadcast(prompt, 0)
+            self.local.prefill(header.ids[0], header.slot, prompt.tolist(), FOLLOWER)
+        elif header.op == Op.DECODE:
+            self.local.decode(list(header.ids), list(header.tokens), list(header.positions))
+        return header.op
