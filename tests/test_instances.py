@@ -37,8 +37,14 @@ BLOCKED = "org/risky"
 
 class Pair:
     def __init__(
-        self, root: Path, port: int = PORT, extra: tuple[str, ...] = (), env: dict | None = None
+        self,
+        root: Path,
+        port: int = PORT,
+        extra: tuple[str, ...] = (),
+        env: dict | None = None,
+        hosts: dict[str, str] | None = None,
     ) -> None:
+        self.hosts = hosts or HOSTS
         self.root = root
         self.port = port
         self.extra = extra
@@ -46,8 +52,8 @@ class Pair:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str) -> None:
-        host = HOSTS[name]
-        peers = ",".join(f"{h}:{self.port}" for n, h in HOSTS.items() if n != name)
+        host = self.hosts[name]
+        peers = ",".join(f"{h}:{self.port}" for n, h in self.hosts.items() if n != name)
         env = {**os.environ, "SHOAL_HOME": str(self.root / name), "SHOAL_TORCH_THREADS": "1",
                **self.env}  # fmt: skip
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the node
@@ -62,18 +68,18 @@ class Pair:
     def start_both(self, timeout: float) -> None:
         """Both nodes, alive in each other's view with the paths between them measured: a
         2-node placement answers on each."""
-        for name in HOSTS:
+        for name in self.hosts:
             self.start(name)
-        query = f"/instance/placement?model_id={MODEL}&min_nodes=2"
+        query = f"/instance/placement?model_id={MODEL}&min_nodes={len(self.hosts)}"
         wait_for(
-            "a 2-node placement on both nodes",
-            lambda: all(self.json(n, query) is not None for n in HOSTS),
+            f"a {len(self.hosts)}-node placement on every node",
+            lambda: all(self.json(n, query) is not None for n in self.hosts),
             timeout=timeout,
             detail=self.log,
         )
 
     def url(self, name: str, path: str) -> str:
-        return f"http://{HOSTS[name]}:{self.port}{path}"
+        return f"http://{self.hosts[name]}:{self.port}{path}"
 
     def get(self, name: str, path: str) -> httpx.Response:
         return httpx.get(self.url(name, path), timeout=5)
@@ -265,7 +271,7 @@ def test_previews_cover_every_choice_with_a_layout_or_a_reason(pair: Pair) -> No
     doc = pair.json("a", f"/instance/previews?model_id={MODEL}")
     assert doc is not None
     previews = doc["previews"]
-    assert len(previews) == 2 * 2 * 2  # sharding x meta x min_nodes 1..2
+    assert len(previews) == 2 * 4 * 2  # sharding x meta x min_nodes 1..2
     for p in previews:
         assert (p["instance"] is None) != (p["error"] is None)
     two = {p["instance_meta"]: p for p in previews
@@ -273,6 +279,10 @@ def test_previews_cover_every_choice_with_a_layout_or_a_reason(pair: Pair) -> No
     assert two["GlooInstance"]["instance"]
     # these loopback nodes have no CUDA GPU: NCCL is refused, and says why
     assert "no CUDA GPU (the nccl backend needs one per rank)" in two["NcclInstance"]["error"]
+    # SmolLM2 is a llama: mlx-lm splits it only as tensor shards (and 9 heads not in two)
+    ring = two["MlxRingInstance"]["error"]
+    assert "cannot run llama as pipeline; it can run as tensor" in ring, ring
+    assert "jaccl" in two["MlxJacclInstance"]["error"]  # JACCL runs on Macs only
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,17 @@ def reports(cable_ms: float | None = 0.2, vpn_ms: float = 40.0, cable_failing: b
             NodeReport(node_id="b", links=tuple(b_links))]  # fmt: skip
 
 
+LOOP = ("127.0.0.1", "127.0.0.2")
+
+
+def loopback(loop_ms: float) -> list[NodeReport]:
+    """reports() plus loopback paths between the two (nodes sharing one host, as in tests)."""
+    loop = [link("b", LOOP[1], loop_ms, kind=InterfaceKind.LOOPBACK),
+            link("a", LOOP[0], loop_ms, kind=InterfaceKind.LOOPBACK)]  # fmt: skip
+    both = zip(reports(), loop, strict=True)
+    return [r.model_copy(update={"links": (*r.links, x)}) for r, x in both]
+
+
 def failed(rank: int, generation: int = 0) -> dict[str, RunnerState]:
     rid = f"i-g{generation}-r{rank}"
     return {rid: RunnerState(runner_id=rid, instance_id="i", status="failed", reason="boom")}
@@ -97,6 +108,8 @@ def test_used_path_rows_carry_the_kind_the_source_measured(
          reports(cable_ms=20.0, vpn_ms=40.0), {}, False, ""),
         ("a path measured from neither side is not judged", spec(("10.9.9.1", "10.9.9.2")),
          spec(CABLE, 1), reports(), {}, False, ""),
+        ("a busy host's slow loopback is no reason to move", spec(LOOP), spec(CABLE, 1),
+         loopback(40.0), {}, False, ""),
     ],
 )  # fmt: skip
 def test_review(name, current, candidate, state, runners, move, reason):

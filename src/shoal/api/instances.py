@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from shoal.api.host import controller_of
 from shoal.control import Controller, NotLeader, PlaceAsk
 from shoal.placement.plan import (
+    META_NAME,
     instance_document,
     parse_instance_document,
     parse_meta,
@@ -130,7 +131,7 @@ async def previews(
     alive = len(controller.reports())
     out = []
     for sharding in ("Pipeline", "Tensor"):
-        for meta in ("GlooInstance", "NcclInstance"):
+        for meta in META_NAME.values():  # torch's gloo and nccl, mlx's ring and jaccl
             for n in range(1, alive + 1):
                 result = controller.place(_ask(model_id, sharding, meta, n, node_ids))
                 ok = not isinstance(result, Refusal)

@@ -129,7 +129,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     add("--min-nodes", type=int, default=2, help="nodes the cluster and instance need (default 2)")
     add("--sharding", help="Pipeline or Tensor (default: placement's choice)")
-    add("--instance-meta", help="GlooInstance or NcclInstance (exo's names work too)")
+    add("--instance-meta", help="GlooInstance, NcclInstance, MlxRingInstance or MlxJacclInstance")
     add(
         "--allow-blocked",
         action="store_true",

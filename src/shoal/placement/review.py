@@ -6,7 +6,8 @@ An instance moves (the leader writes a new generation of it) when:
 2. a path it uses is failing (its prober's recent probes go unanswered);
 3. its slowest used path got much slower than the best layout available now (more than
    SLOWER_FACTOR x and SLOWER_MARGIN_MS slower), which is how a cluster that came back over a
-   VPN after a restart finds its cable again (seed 002).
+   VPN after a restart finds its cable again (seed 002). Loopback paths do not count: their
+   RTT measures how busy the host is, which no other layout on the same host escapes.
 
 Each move needs a candidate layout; without one the instance stays and the reason becomes an
 alert. Moves for slowness wait COOLDOWN_S after the last placement, so paths cannot flap it;
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from shoal.placement.addressing import is_failing, outbound_to
 from shoal.placement.plan import runner_of
 from shoal.schema.reasons import PathRef, Reason, reason, render
-from shoal.schema.report import InstanceSpec, NodeReport, PathStats, RunnerState
+from shoal.schema.report import InstanceSpec, InterfaceKind, NodeReport, PathStats, RunnerState
 
 SLOWER_FACTOR = 3.0
 SLOWER_MARGIN_MS = 2.0
@@ -109,7 +110,10 @@ def slowest(
 ) -> tuple[float, UsedPath | None]:
     worst: tuple[float, UsedPath | None] = (0.0, None)
     for path in used_paths(instance):
-        rtt = path_state(reports, path).rtt_ms
+        record = measured(reports, path)
+        if record is None or record.interface_kind == InterfaceKind.LOOPBACK:
+            continue
+        rtt = record.rtt_ms_ewma
         if rtt is not None and rtt > worst[0]:
             worst = (rtt, path)
     return worst
