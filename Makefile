@@ -36,6 +36,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/serving_path.py
 	$(BIN)/python bench/mlx_engine.py
+	$(BIN)/python bench/mlx_ring.py
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check src tests bench

@@ -331,3 +331,23 @@ def test_an_mlx_layout_mlx_lm_cannot_run_is_refused_before_any_weights_are_read(
         open_rank(tensor)  # 9 heads do not split in two
     one = spec.model_copy(update={"world_size": 1, "layer_range": (0, 30)})
     assert open_rank(one).config.num_layers == 30
+
+
+@pytest.mark.parametrize(
+    ("arch", "bits", "backends", "layouts"),
+    [
+        ("qwen3_moe", 4, ("ring",), ("pipeline", "tensor")),  # an architecture only mlx-lm knows
+        ("llama", 4, ("ring",), ("tensor",)),  # a llama, but packed by mlx-lm's quantizer
+        ("llama", None, ("gloo", "ring"), ("tensor",)),  # plain safetensors: both engines
+    ],
+)
+def test_a_node_holds_mlx_dirs_with_the_backends_and_bytes_they_load_with(
+    arch, bits, backends, layouts, tmp_path
+):
+    from shoal.models.local import describe
+
+    directory = tiny_mlx_dir(tmp_path / arch, arch, bits)
+    held = describe("m", directory, backends=("gloo", "ring")).held
+    assert (held.arch, held.backends, held.mlx_layouts) == (arch, backends, layouts)
+    files = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    assert 0.9 * files < held.mlx_weight_bytes <= files  # the tensor bytes, quantized or not

@@ -123,6 +123,10 @@ def test_two_ring_ranks_decode_what_one_mlx_lm_process_decodes(
     rank0, rank1 = (launch(s) for s in ring_specs(model_dir, f"ring-{sharding}", sharding))
     port = rank0.wait_status("ready", 180)["port"]
     rank1.wait_status("ready", 20)  # the warm-up generation ran through rank 1 too
+    for runner in (rank0, rank1):  # loading reported layer by layer: this rank's layers only
+        start, end = runner.spec.layer_range
+        progress = [tuple(line["layers"]) for line in runner.lines if line.get("layers")]
+        assert progress == [(i, end - start) for i in range(1, end - start + 1)], runner.lines
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60)
     for _ in range(2):  # the second request finds the batch cache of the first one gone
         reply = client.completions.create(

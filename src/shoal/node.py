@@ -157,7 +157,10 @@ class Node:
         if choice is None or self.settings.min_nodes > 1:  # placed across nodes, not here
             return {}
         held = self.held[choice.id].held
-        instance = solo_instance(self.identity.node_id, held, self.engine)
+        engine = self.engine
+        if self.settings.engine == "auto" and not {"gloo", "nccl"} & set(held.backends):
+            engine = "mlx" if mlx_installed() else engine  # only mlx-lm reads this model
+        instance = solo_instance(self.identity.node_id, held, engine)
         return {choice.id: instance.model_copy(update={"created_at": time.time()})}
 
     @property

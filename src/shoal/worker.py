@@ -100,7 +100,11 @@ class _Runner:
                 changes["context_length"] = line.context_length
             if line.tokens is not None:
                 changes.update(self._rate(line.tokens))
+            if line.layers is not None or line.status != "loading":
+                changes["layers"] = line.layers
             self._update(**changes)
+            if line.layers is not None and line.layers[0] not in (0, line.layers[1]):
+                continue  # progress within loading: in the state, not one log line per layer
             log.info(
                 "runner %s: %s%s",
                 self.state.runner_id,

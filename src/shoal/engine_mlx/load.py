@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,7 @@ def load(
     group: Any = None,
     sharding: str = "pipeline",
     layers: tuple[int, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Any, ModelConfig]:
     """The mlx-lm model (quantized layers stay quantized) and its serving config. With a group
     of several ranks, this rank's part only: its pipeline stage `layers` (shoal's rank order)
@@ -135,5 +137,10 @@ def load(
             world = group.size()
             rank = mlx_rank(group.rank(), world)  # the mapping is its own inverse: shoal rank
             stages.pipeline(group, pipeline_split(start, end, serving.num_layers, rank, world))
-    mx.eval(model.parameters())
+    held = [layer for layer in model.layers if layer is not None]  # this rank's, in order
+    for done, layer in enumerate(held, start=1):  # read layer by layer: progress to report
+        mx.eval(layer.parameters())
+        if progress is not None:
+            progress(done, len(held))
+    mx.eval(model.parameters())  # embeddings, norms, the head
     return model, serving

@@ -39,9 +39,7 @@ class Library:
 
     def scan(self) -> dict[str, LocalModel]:
         """Read every held model's metadata again (after a download, say)."""
-        return local_models(
-            self.configured, self.device, self.store, self.cards, self.backends
-        )
+        return local_models(self.configured, self.device, self.store, self.cards, self.backends)
 
     def refresh(self) -> None:
         self._adopt(self.scan())

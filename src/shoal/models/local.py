@@ -47,7 +47,7 @@ def describe(
     `backends` are those the node and the model's card allow; of them the held model keeps the
     ones whose engine loads it (an architecture only mlx-lm knows runs on ring/jaccl only)."""
     gguf = path.suffix == ".gguf"
-    torch_ok = True
+    torch_ok = gguf or not mlx_quantized(path)  # shoal's torch engine reads no MLX packing
     try:
         config, params, data_bytes = _gguf_shape(path) if gguf else _hf_shape(path)
     except UnsupportedModelError:
@@ -75,6 +75,15 @@ def describe(
         files_digest=(manifest or build_manifest(model_id, source or path)).digest,
     )
     return LocalModel(model_id, path, held, source)
+
+
+def mlx_quantized(path: Path) -> bool:
+    """An MLX dir whose weights mlx-lm's quantizer packed (mlx-community's 4-/8-bit)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "quantization" in config
 
 
 def mlx_installed() -> bool:

@@ -105,6 +105,9 @@ def build_follower(
     )
 
 
+Progress = Callable[[int, int], None]
+
+
 class Following(Protocol):
     """A follower rank's loop (engine.lockstep.Follower, engine_mlx.lockstep.MlxFollower)."""
 
@@ -116,7 +119,8 @@ class Following(Protocol):
 class Rank(Protocol):
     config: ModelConfig  # known before any weights are read
 
-    def load(self, peers: Peers | None) -> Any: ...
+    def load(self, peers: Peers | None, progress: Progress | None = None) -> Any:
+        """This rank's part of the model; progress(layers loaded, of) where the engine can."""
 
     def executor(self, peers: Peers | None, model: Any) -> Executor: ...
 
@@ -132,7 +136,7 @@ class TorchRank:
         check_spec(spec, self.source.config)
         self.config = self.source.config
 
-    def load(self, peers: Peers | None) -> Transformer:
+    def load(self, peers: Peers | None, progress: Progress | None = None) -> Transformer:
         model = load_rank_model(self.spec, self.source)
         release_freed_memory()
         return model
@@ -167,7 +171,7 @@ class MlxRank:
         if spec.world_size > 1:
             mlx_load.check_sharding(self.config.arch, spec.sharding)
 
-    def load(self, peers: Peers | None) -> Any:
+    def load(self, peers: Peers | None, progress: Progress | None = None) -> Any:
         from shoal.engine_mlx import load as mlx_load
         from shoal.engine_mlx.convert import convert_gguf
         from shoal.engine_mlx.group import join_group
@@ -180,7 +184,7 @@ class MlxRank:
         if peers is not None:
             hosts = spec.rank_hosts or (spec.store_host,) * spec.world_size
             group = join_group(peers, spec.backend, hosts, spec.rdma_devices)
-        model, _ = mlx_load.load(path, group, spec.sharding, tuple(spec.layer_range))
+        model, _ = mlx_load.load(path, group, spec.sharding, tuple(spec.layer_range), progress)
         return model
 
     def _local(self, model: Any, sample: bool) -> Any:

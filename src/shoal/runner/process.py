@@ -53,10 +53,12 @@ class StatusWriter:
         port: int | None = None,
         tokens: int | None = None,
         context_length: int | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> None:
         line = StatusLine(
-            status=status, reason=reason, port=port, tokens=tokens, context_length=context_length
-        )
+            status=status, reason=reason, port=port, tokens=tokens,
+            context_length=context_length, layers=layers,
+        )  # fmt: skip
         with self._lock:
             self.current = status
             self.stream.write(line.model_dump_json(exclude_none=True) + "\n")
@@ -88,7 +90,7 @@ class Runner:
             if spec.world_size > 1:  # a model served alone meets nobody
                 self.peers = join(rendezvous_of(spec))
             self.status("loading")
-            model = rank.load(self.peers)
+            model = rank.load(self.peers, self._loaded)
             tokenizer = (
                 Tokenizer.load(spec.model_path, spec.tokenizer_cache) if spec.rank == 0 else None
             )
@@ -112,6 +114,9 @@ class Runner:
                 self.peers.report_failure(reason)
             self.status("failed", reason)
             return 1
+
+    def _loaded(self, done: int, of: int) -> None:
+        self.status("loading", layers=(done, of))
 
     def _stopped(self) -> int:
         self.status("stopped")

@@ -60,6 +60,7 @@ class StatusLine(BaseModel):
     port: int | None = None  # rank 0: its generation endpoint
     tokens: int | None = None  # rank 0: tokens generated so far
     context_length: int | None = None  # rank 0: the longest sequence it serves
+    layers: tuple[int, int] | None = None  # loading: (layers this rank holds so far, of)
 
 
 def node_capabilities(

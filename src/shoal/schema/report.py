@@ -216,6 +216,7 @@ class RunnerState(Model):
     tokens: int = 0  # rank 0: tokens generated so far
     tok_s: float | None = None  # rank 0: recent generation rate
     context_length: int | None = None  # rank 0, once ready: the longest sequence it serves
+    layers: tuple[int, int] | None = None  # while loading: (layers loaded, of this rank's)
 
 
 class DownloadState(Model):
