@@ -6,6 +6,7 @@ host list, JACCL's device matrix, the pipeline split) from tables."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ pytest.importorskip("mlx_lm", reason="mlx-lm is not installed: make test install
 from mlx_lm.generate import generate_step  # noqa: E402
 from test_engine_mlx import tiny_mlx_dir  # noqa: E402
 
-from shoal.engine_mlx.group import jaccl_devices, pipeline_split, ring_hosts  # noqa: E402
+from shoal.engine_mlx.group import group_env, jaccl_devices, pipeline_split, ring_hosts  # noqa: E402
 from shoal.engine_mlx.load import load  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -202,3 +203,22 @@ def test_the_pipeline_split_gives_this_rank_its_planned_layers(
 def test_a_pipeline_split_without_a_layer_for_every_rank_is_refused():
     with pytest.raises(ValueError, match="at least one layer"):
         pipeline_split(0, 3, 3, 0, 2)
+
+
+@pytest.mark.parametrize(
+    ("backend", "rank", "file_var", "content", "extra"),
+    [
+        ("ring", 0, "MLX_HOSTFILE", [["10.0.0.2:5001"], ["10.0.0.1:5000"]], {}),
+        ("jaccl", 1, "MLX_IBV_DEVICES", [[None, "rdma_en3"], ["rdma_en2", None]],
+         {"MLX_JACCL_COORDINATOR": "10.0.0.1:5000"}),
+    ],
+)  # fmt: skip
+def test_the_group_environment_mx_distributed_reads(
+    backend, rank, file_var, content, extra, tmp_path
+):
+    listen = ["10.0.0.1:5000", "10.0.0.2:5001"]  # ring: each rank; jaccl: rank 0 first
+    devices = [[None, "rdma_en2"], ["rdma_en3", None]]  # shoal rank order
+    env = group_env(backend, rank, 2, listen, devices, str(tmp_path))
+    assert env["MLX_RANK"] == str(1 - rank)  # shoal rank r is mlx rank world-1-r
+    assert json.loads(Path(env[file_var]).read_text()) == content
+    assert {k: v for k, v in env.items() if k not in ("MLX_RANK", file_var)} == extra

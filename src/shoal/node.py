@@ -316,6 +316,7 @@ class Node:
                 model_id=self.choice.id,
                 min_nodes=s.min_nodes,
                 sharding=s.sharding,
+                backend="ring" if self.engine == "mlx" else "gloo",  # mlx: an MlxRingInstance
                 allow_blocked=s.allow_blocked,
             ),
         )

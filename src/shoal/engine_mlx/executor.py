@@ -74,10 +74,14 @@ class MlxExecutor:
         self._rows = list(ids)
 
     def _sample(self, ids: list[int], logits: mx.array) -> list[int]:
-        last = logits[:, -1, :].astype(mx.float32)
-        mx.eval(last)  # on every rank: the model's collectives run here
+        last = logits[:, -1, :]
         if not self.sample:
+            mx.eval(last)  # on every rank: the model's collectives run here
             return [0] * len(ids)
+        if all(self.sampler.params[i].greedy for i in ids):  # argmax where the logits are
+            return mx.argmax(last, axis=-1).tolist()  # type: ignore[return-value]
+        last = last.astype(mx.float32)
+        mx.eval(last)
         return self.sampler.sample(ids, torch.from_numpy(np.array(last, copy=True)))
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
