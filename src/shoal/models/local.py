@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import math
+import platform
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,9 @@ def describe(
         arch=config.arch,
         backends=tuple(b for b in backends if torch_ok or b in MLX_BACKENDS),
         mlx_layouts=mlx_layouts(config.arch) if mlx else (),
-        # a GGUF is converted to float16 for mlx; safetensors load as their files hold them
-        mlx_weight_bytes=params * 2 if gguf else data_bytes,
+        # a GGUF is converted for mlx (engine_mlx.convert: float16 on Metal, float32 on its
+        # CPU); safetensors load as their files hold them
+        mlx_weight_bytes=params * (2 if _metal() else 4) if gguf else data_bytes,
         files_digest=(manifest or build_manifest(model_id, source or path)).digest,
     )
     return LocalModel(model_id, path, held, source)
@@ -84,6 +86,10 @@ def mlx_quantized(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "quantization" in config
+
+
+def _metal() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
 def mlx_installed() -> bool:

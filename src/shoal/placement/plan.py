@@ -171,7 +171,7 @@ def model_spec(held: HeldModel, backend: str = "gloo") -> ModelSpec:
     MLX engine its weights take what its files hold (quantized stay quantized)."""
     spec = ModelSpec(**{f.name: getattr(held, f.name) for f in dataclasses.fields(ModelSpec)})
     if BACKEND_ENGINE.get(backend) == "mlx" and held.mlx_weight_bytes:
-        return dataclasses.replace(spec, weight_bytes=held.mlx_weight_bytes, dtype_bytes=2)
+        return dataclasses.replace(spec, weight_bytes=held.mlx_weight_bytes)
     return spec
 
 
