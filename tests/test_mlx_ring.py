@@ -155,6 +155,17 @@ def test_a_ring_rank_started_ten_seconds_late_still_joins(moe_dir, tokenizer, la
     assert "rank" in failed["reason"] or "MLX group" in failed["reason"], failed
 
 
+def test_a_rank_that_cannot_listen_on_its_placed_address_fails_both_ranks_naming_it(
+    moe_dir, launch
+):
+    specs = ring_specs(moe_dir, "ring-unplaced", "pipeline")
+    hosts = ("127.0.0.1", "10.255.255.1")  # not an address of this machine
+    rank0, rank1 = (launch(s.model_copy(update={"rank_hosts": hosts})) for s in specs)
+    failed = rank1.wait_status("failed", 60)["reason"]
+    assert "rank 1 cannot listen on 10.255.255.1" in failed and "interface lo" in failed, failed
+    assert "cannot listen on 10.255.255.1" in rank0.wait_status("failed", 30)["reason"]
+
+
 # -- the pure parts -----------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from shoal.engine.distributed import InitError, Peers, try_timeouts
+from shoal.engine.distributed import FAILED_KEY, InitError, Peers, try_timeouts
 from shoal.schema.address import join_host_port
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,34 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def publish_and_gather(peers: Peers, mine: str | None, ranks: Sequence[int]) -> list[str]:
-    """Put this rank's address in rank 0's store, then read those of `ranks`."""
+def publish_and_gather(
+    peers: Peers, mine: str | None, ranks: Sequence[int], timeout_s: float = 60.0
+) -> list[str]:
+    """Put this rank's address in rank 0's store, then read those of `ranks`; a rank that
+    failed meanwhile (its reason in the store) ends the wait at once."""
     if mine is not None:
         peers.store.set(LISTEN_KEY.format(rank=peers.rank), mine)
     keys = [LISTEN_KEY.format(rank=r) for r in ranks]
-    peers.store.wait(keys)
+    deadline = time.monotonic() + timeout_s
+    while not peers.store.check(keys):
+        if peers.store.check([FAILED_KEY]):
+            raise InitError(peers.store.get(FAILED_KEY).decode())
+        if time.monotonic() > deadline:
+            raise InitError(f"rank {peers.rank}: the other ranks did not say where they listen")
+        time.sleep(0.05)
     return [peers.store.get(k).decode() for k in keys]
+
+
+def listen_address(host: str, rank: int, ifname: str | None) -> str:
+    """host:port with a free port on the address placement chose for this rank."""
+    try:
+        return join_host_port(host, free_port(host))
+    except OSError as exc:
+        via = f"interface {ifname}" if ifname else "any interface"
+        raise InitError(
+            f"rank {rank} cannot listen on {host}, the address placed for it ({via}): "
+            f"{exc.strerror or exc}"
+        ) from None
 
 
 def group_env(
@@ -112,6 +133,7 @@ def join_group(
     devices: Sequence[Sequence[str | None]] = (),
     attempts: int = 4,
     window_s: float = 30.0,
+    ifname: str | None = None,
 ) -> Any:
     """This rank's mx.distributed group; InitError names the addresses and the backend."""
     import mlx.core as mx
@@ -125,9 +147,9 @@ def join_group(
         raise InitError(f"rank {rank}: jaccl needs a {world}x{world} RDMA device matrix")
     host = hosts[rank]
     if backend == "ring":
-        listen = publish_and_gather(peers, join_host_port(host, free_port(host)), range(world))
+        listen = publish_and_gather(peers, listen_address(host, rank, ifname), range(world))
     else:
-        coordinator = join_host_port(host, free_port(host)) if rank == 0 else None
+        coordinator = listen_address(host, rank, ifname) if rank == 0 else None
         listen = publish_and_gather(peers, coordinator, [0])
     what = ", ".join(listen)
     last_error = "no try was made"
@@ -149,5 +171,6 @@ def join_group(
             time.sleep(max(0.0, wait_s - (time.monotonic() - started)))
     raise InitError(
         f"rank {rank} of {world} could not join the mlx {backend} group over {what} "
-        f"(listening on {host}): {attempts} tries over {window_s:.0f} s; last error: {last_error}"
+        f"(listening on {host} via {f'interface {ifname}' if ifname else 'its route'}): "
+        f"{attempts} tries over {window_s:.0f} s; last error: {last_error}"
     )

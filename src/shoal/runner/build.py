@@ -183,7 +183,9 @@ class MlxRank:
         group = None
         if peers is not None:
             hosts = spec.rank_hosts or (spec.store_host,) * spec.world_size
-            group = join_group(peers, spec.backend, hosts, spec.rdma_devices)
+            group = join_group(
+                peers, spec.backend, hosts, spec.rdma_devices, ifname=spec.ifname
+            )
         model, _ = mlx_load.load(path, group, spec.sharding, tuple(spec.layer_range), progress)
         return model
 
