@@ -41,7 +41,7 @@ STEPS = 12
 
 TINY = {
     "llama": {"intermediate_size": 96},
-    "qwen2": {"intermediate_size": 96},  # dense, and mlx-lm can pipeline it (llama it cannot)
+    "qwen2": {"intermediate_size": 96},  # dense, and mlx-lm's own class can pipeline it
     "qwen3_moe": {
         "intermediate_size": 96,
         "num_experts": 4,
@@ -153,7 +153,8 @@ def test_a_prompt_longer_than_one_prefill_chunk_decodes_the_same(tiny, monkeypat
 @pytest.mark.parametrize(
     ("arch", "tensor", "pipeline"),
     [
-        ("llama", True, False),  # Model.shard only
+        ("llama", True, True),  # Model.shard; no mlx-lm pipeline, shoal stages it
+        ("qwen3", True, True),  # likewise
         ("qwen3_moe", True, True),  # its text model mixes in mlx-lm's PipelineMixin
         ("kimi_k25", True, True),  # wraps deepseek_v3's text model, which pipelines
         ("mixtral", False, False),  # mlx-lm has neither for it
@@ -306,7 +307,7 @@ def test_engine_mlx_where_mlx_is_missing_is_a_startup_error(monkeypatch):
         node_module._pick_engine("mlx")
 
 
-def test_an_mlx_layout_mlx_lm_cannot_run_is_refused_before_any_weights_are_read(smollm2_mlx):
+def test_an_mlx_layout_that_cannot_run_is_refused_before_any_weights_are_read(smollm2_mlx):
     from shoal.runner.build import open_rank
     from shoal.runner.spec import RunnerSpec
 
@@ -324,8 +325,7 @@ def test_an_mlx_layout_mlx_lm_cannot_run_is_refused_before_any_weights_are_read(
     with pytest.raises(ValueError, match="runs over ring or jaccl, not gloo"):
         open_rank(spec)
     ring = spec.model_copy(update={"backend": "ring"})
-    with pytest.raises(UnsupportedModelError, match="cannot split llama into pipeline stages"):
-        open_rank(ring)  # mlx-lm's llama has no pipeline
+    assert open_rank(ring).config.arch == "llama"  # a pipeline of shoal's stages
     tensor = ring.model_copy(update={"sharding": "tensor", "layer_range": (0, 30)})
     with pytest.raises(ValueError, match="9 heads|heads"):
         open_rank(tensor)  # 9 heads do not split in two
@@ -337,8 +337,8 @@ def test_an_mlx_layout_mlx_lm_cannot_run_is_refused_before_any_weights_are_read(
     ("arch", "bits", "backends", "layouts"),
     [
         ("qwen3_moe", 4, ("ring",), ("pipeline", "tensor")),  # an architecture only mlx-lm knows
-        ("llama", 4, ("ring",), ("tensor",)),  # a llama, but packed by mlx-lm's quantizer
-        ("llama", None, ("gloo", "ring"), ("tensor",)),  # plain safetensors: both engines
+        ("llama", 4, ("ring",), ("pipeline", "tensor")),  # packed by mlx-lm's quantizer
+        ("llama", None, ("gloo", "ring"), ("pipeline", "tensor")),  # plain: both engines
     ],
 )
 def test_a_node_holds_mlx_dirs_with_the_backends_and_bytes_they_load_with(

@@ -6,6 +6,7 @@ The instance's ranks are real runner subprocesses meeting over gloo.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -126,6 +127,18 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
 def runner_statuses(pair: Pair, name: str) -> dict[str, str]:
     state = pair.json(name, "/state") or {}
     return {rid: r["status"] for rid, r in state.get("runners", {}).items()}
+
+
+def test_nodes_report_the_engines_and_backends_they_can_run(pair: Pair) -> None:
+    doc = pair.json("a", "/cluster/nodes")
+    assert doc is not None and len(doc["nodes"]) == 2
+    mlx = importlib.util.find_spec("mlx") is not None
+    for node in doc["nodes"]:
+        assert "torch:cpu" in node["engines"] and "gloo" in node["backends"], node
+        assert ("mlx:cpu" in node["engines"] and "ring" in node["backends"]) == mlx, node
+        (held,) = [m for m in node["models"] if m["model_id"] == MODEL]
+        assert held["arch"] == "llama" and held["backends"] == node["backends"], held
+        assert held["mlx_layouts"] == (["pipeline", "tensor"] if mlx else []), held
 
 
 def test_models_downloaded_lists_what_this_node_holds(pair: Pair) -> None:
@@ -279,10 +292,12 @@ def test_previews_cover_every_choice_with_a_layout_or_a_reason(pair: Pair) -> No
     assert two["GlooInstance"]["instance"]
     # these loopback nodes have no CUDA GPU: NCCL is refused, and says why
     assert "no CUDA GPU (the nccl backend needs one per rank)" in two["NcclInstance"]["error"]
-    # SmolLM2 is a llama: mlx-lm splits it only as tensor shards (and 9 heads not in two)
-    ring = two["MlxRingInstance"]["error"]
-    assert "cannot run llama as pipeline; it can run as tensor" in ring, ring
-    assert "jaccl" in two["MlxJacclInstance"]["error"]  # JACCL runs on Macs only
+    # the MLX engine's ring: SmolLM2 (a llama) as pipeline stages, not as 2 tensor shards
+    assert two["MlxRingInstance"]["instance"], two["MlxRingInstance"]["error"]
+    tensor = [p for p in previews if p["min_nodes"] == 2 and p["sharding"] == "Tensor"
+              and p["instance_meta"] == "MlxRingInstance"]  # fmt: skip
+    assert "not divisible by 2" in tensor[0]["error"]
+    assert "JACCL (RDMA over Thunderbolt 5) runs on Macs" in two["MlxJacclInstance"]["error"]
 
 
 @pytest.mark.parametrize(
@@ -344,8 +359,10 @@ def test_runbook_places_and_chats_then_delete_frees_the_runners(pair: Pair) -> N
     state = pair.json("b", "/state")
     assert state is not None
     ((iid, entry),) = state["instances"].items()
-    (body,) = entry.values()
+    ((meta, body),) = entry.items()
     assert len(body["nodeToRunner"]) == 2
+    # the runbook asks for exo's MlxRingInstance: the MLX engine over mx.distributed's ring
+    assert (meta, body["backend"]) == ("MlxRingInstance", "ring"), (meta, body)
     names = {n["node_id"]: n["name"] for n in state["nodes"]}
     paths = state["instance_paths"][iid]  # the ring both ways: each to the other's host
     hops = sorted((names[p["src"]], names[p["dst"]], p["host"]) for p in paths)

@@ -52,7 +52,9 @@ def tiny_dir(root: Path, arch: str, bits: int | None, tokenizer: Tokenizer) -> P
 
 
 @pytest.fixture(
-    scope="module", params=[("qwen2", None), ("qwen3_moe", 4)], ids=["qwen2", "qwen3_moe-4bit"]
+    scope="module",
+    params=[("qwen2", None), ("qwen3_moe", 4), ("llama", None)],
+    ids=["qwen2", "qwen3_moe-4bit", "llama-staged"],  # llama: shoal's stages, not mlx-lm's
 )
 def model_dir(request, tmp_path_factory, tokenizer) -> Path:
     return tiny_dir(tmp_path_factory.mktemp("mlx"), *request.param, tokenizer)

@@ -27,10 +27,15 @@ def model_type(config: dict[str, Any]) -> str:
     return str(config.get("model_type", ""))
 
 
+# Plain layer stacks (embed -> layers -> norm) whose mlx-lm classes have no `pipeline`: shoal
+# splits them into stages itself (engine_mlx.stages), the way mlx-lm's PipelineMixin does.
+STAGEABLE = frozenset({"llama", "mistral", "qwen3"})
+
+
 def supports(arch: str) -> tuple[bool, bool]:
     """(tensor, pipeline) for mlx-lm's `arch`: its Model can `shard` across a group, and one of
     its classes (the Model or its inner text model, often through mlx-lm's PipelineMixin) can
-    `pipeline` its layers."""
+    `pipeline` its layers, or it is a plain layer stack shoal stages itself."""
     try:
         module = importlib.import_module(f"mlx_lm.models.{arch}")
     except ImportError:
@@ -41,7 +46,7 @@ def supports(arch: str) -> tuple[bool, bool]:
         if isinstance(c, type) and c.__module__.startswith("mlx_lm.models.")
         and c.__module__ != "mlx_lm.models.pipeline"
     ]  # fmt: skip
-    return hasattr(getattr(module, "Model", None), "shard"), any(
+    return hasattr(getattr(module, "Model", None), "shard"), arch in STAGEABLE or any(
         hasattr(c, "pipeline") for c in classes
     )
 
@@ -126,17 +131,21 @@ def load(
         if sharding == "tensor":
             model.shard(group)
         else:
-            stages = getattr(model, "model", None)
-            if not hasattr(stages, "pipeline"):  # the pipeline is on a class deeper down
+            from shoal.engine_mlx.group import mlx_rank, pipeline_split
+            from shoal.engine_mlx.stages import stage
+
+            start, end = layers or (0, serving.num_layers)
+            inner = getattr(model, "model", None)
+            if hasattr(inner, "pipeline"):
+                world = group.size()
+                rank = mlx_rank(group.rank(), world)  # the mapping is its own inverse
+                inner.pipeline(group, pipeline_split(start, end, serving.num_layers, rank, world))
+            elif model_type(config) in STAGEABLE:
+                stage(model, group, start, end)
+            else:  # the pipeline is on a class deeper down
                 raise UnsupportedModelError(
                     f"mlx-lm's {model_type(config)} has no pipeline on its text model"
                 )
-            from shoal.engine_mlx.group import mlx_rank, pipeline_split
-
-            start, end = layers or (0, serving.num_layers)
-            world = group.size()
-            rank = mlx_rank(group.rank(), world)  # the mapping is its own inverse: shoal rank
-            stages.pipeline(group, pipeline_split(start, end, serving.num_layers, rank, world))
     held = [layer for layer in model.layers if layer is not None]  # this rank's, in order
     for done, layer in enumerate(held, start=1):  # read layer by layer: progress to report
         mx.eval(layer.parameters())

@@ -156,14 +156,15 @@ def plan(
         for n in sorted(request.node_filter - by_id.keys()):
             refuse((n,), reason("node_not_alive", nodes=(n,)))
         eligible = [n for n in eligible if n in request.node_filter]
-    backend_refusals = {n: why for n in eligible if (why := _backend_refusal(by_id[n], request))}
-    for n, why in backend_refusals.items():
-        refuse((n,), why)
-    eligible = [n for n in eligible if n not in backend_refusals]
     if request.backend == "nccl":  # NCCL runs on CUDA devices only: a CPU-only rank cannot join
         for n in [n for n in eligible if not _has_cuda(by_id[n])]:
             refuse((n,), reason("no_cuda", nodes=(n,)))
         eligible = [n for n in eligible if _has_cuda(by_id[n])]
+    # the node's copy may not use the backend (its card, or no engine for it there)
+    backend_refusals = {n: why for n in eligible if (why := _backend_refusal(by_id[n], request))}
+    for n, why in backend_refusals.items():
+        refuse((n,), why)
+    eligible = [n for n in eligible if n not in backend_refusals]
     # more memory first, so the subsets tried under the cap are the likeliest to fit
     eligible.sort(key=lambda n: (-by_id[n].resources.ram_available, n))
     low = max(1, request.min_nodes)

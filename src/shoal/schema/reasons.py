@@ -192,11 +192,13 @@ def _derived(r: Reason) -> dict[str, Any]:
         return {"with_cuda": " with a CUDA GPU" if r.fact("cuda") else ""}
     if code == "no_backend":
         allowed = r.fact("allowed", ())
-        mlx = r.fact("backend") in ("ring", "jaccl") and not {"ring", "jaccl"} & set(allowed)
-        return {
-            "allowed": ", ".join(allowed) or "none",
-            "hint": "; install the MLX engine there: pip install 'shoal[mlx]'" if mlx else "",
-        }
+        backend = r.fact("backend")
+        hint = ""
+        if backend in ("ring", "jaccl") and not {"ring", "jaccl"} & set(allowed):
+            hint = "; install the MLX engine there: pip install 'shoal[mlx]'"
+        elif backend == "jaccl" and "ring" in allowed:
+            hint = "; JACCL (RDMA over Thunderbolt 5) runs on Macs: use MlxRingInstance here"
+        return {"allowed": ", ".join(allowed) or "none", "hint": hint}
     if code == "mlx_layout":
         other = r.fact("other")
         return {"hint": f"; it can run as {other}" if other else ""}
