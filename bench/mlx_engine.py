@@ -26,7 +26,7 @@ from shoal.engine.generator import Generator
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.serving import ServedModel
 from shoal.engine.tokenizer import Tokenizer
-from shoal.engine_mlx.convert import convert_gguf
+from shoal.engine_mlx.convert import convert_gguf, float_dtype, on_metal
 from shoal.engine_mlx.executor import MlxExecutor
 from shoal.engine_mlx.load import load
 from shoal.models.bundled import bundled_model_path
@@ -98,9 +98,10 @@ def main() -> None:
         aggregate = args.streams * args.tokens / (time.perf_counter() - wall)
     finally:
         generator.stop()
+    weights = f"{args.bits}-bit" if args.bits else float_dtype(on_metal())
     result = {
         "machine": f"{platform.system()} {platform.machine()}, mlx device {mx.default_device()}",
-        "model": f"SmolLM2-135M-Instruct ({args.bits or 16}-bit MLX, from the bundled GGUF)",
+        "model": f"SmolLM2-135M-Instruct ({weights} MLX, from the bundled GGUF)",
         "convert_s": round(convert_s, 2),
         "tokens": args.tokens,
         "shoal_single_tok_s": round(single, 2),

@@ -31,6 +31,7 @@ from mlx_lm.utils import _get_classes, save_model
 
 from shoal.engine.sharding import even_layer_ranges
 from shoal.engine.tokenizer import Tokenizer
+from shoal.engine_mlx.convert import float_dtype, on_metal
 from shoal.models.bundled import bundled_model_path
 from shoal.runner.spec import RunnerSpec, StatusLine
 
@@ -55,7 +56,7 @@ def build_model(directory: Path, layers: int, hidden: int) -> Path:
     mx.random.seed(3)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
-    model.set_dtype(mx.float16)
+    model.set_dtype(getattr(mx, float_dtype(on_metal())))  # float32 on mlx's CPU: faster there
     mx.eval(model.parameters())
     out = directory / "qwen2"
     out.mkdir(parents=True)
@@ -71,7 +72,9 @@ def start(specs: list[RunnerSpec], logs: Path) -> tuple[list[subprocess.Popen], 
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "shoal.runner", "--spec-json", s.model_dump_json()],
-            stdout=subprocess.PIPE, stderr=(logs / f"rank{s.rank}.log").open("w"), env=env,
+            stdout=subprocess.PIPE,
+            stderr=(logs / f"rank{s.rank}.log").open("w"),
+            env=env,
         )  # fmt: skip
         for s in specs
     ]
@@ -114,10 +117,21 @@ def specs_for(model: Path, layers: int, world: int, sharding: str) -> list[Runne
     port = free_port()
     return [
         RunnerSpec(
-            instance_id=f"bench-{sharding}-{world}", model_id="bench", model_path=str(model),
-            sharding=sharding, backend="ring", engine="mlx", rank=rank, world_size=world,
-            layer_range=span, store_host="127.0.0.1", store_port=port, ifname="lo",
-            rank_hosts=("127.0.0.1",) * world, max_batch=1, max_seq_len=1024,
+            instance_id=f"bench-{sharding}-{world}",
+            model_id="bench",
+            model_path=str(model),
+            sharding=sharding,
+            backend="ring",
+            engine="mlx",
+            rank=rank,
+            world_size=world,
+            layer_range=span,
+            store_host="127.0.0.1",
+            store_port=port,
+            ifname="lo",
+            rank_hosts=("127.0.0.1",) * world,
+            max_batch=1,
+            max_seq_len=1024,
         )  # fmt: skip
         for rank, span in enumerate(ranges)
     ]
@@ -149,7 +163,7 @@ def main() -> None:
     result = {
         "machine": platform.platform(), "cpus": os.cpu_count(), "mlx": mx.__version__,
         "device": str(mx.default_device()), "model": f"random qwen2 {args.layers} layers x "
-        f"{args.hidden} (float16)", "tokens": args.tokens, "rounds": args.rounds,
+        f"{args.hidden} ({float_dtype(on_metal())})", "tokens": args.tokens, "rounds": args.rounds,
         "tok_s": rates, "median_tok_s": medians,
         "ratio_vs_one_rank": {n: round(m / one, 3) for n, m in medians.items()},
     }  # fmt: skip

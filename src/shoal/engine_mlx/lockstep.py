@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,6 +31,19 @@ from shoal.engine_mlx.executor import MlxExecutor
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 FOLLOWER = SamplingParams(max_tokens=1, temperature=0)  # followers never sample
+
+
+def drop_head(model: Any) -> None:
+    """A follower's logits are thrown away (only rank 0 samples): make its LM head a no-op, so
+    it skips the vocabulary-wide matmul every step. The last stage's all_gather (pipeline) or
+    the shards' last all_sum (tensor) still runs: the final norm reads its output."""
+    import mlx.nn as nn
+
+    if isinstance(getattr(model, "lm_head", None), nn.Module):
+        model.lm_head = nn.Identity()
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if embed is not None and hasattr(embed, "as_linear"):  # tied embeddings: the head
+        object.__setattr__(embed, "as_linear", lambda x: x)
 
 
 def _lost(exc: Exception) -> PeerLostError:

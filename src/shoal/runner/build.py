@@ -202,8 +202,9 @@ class MlxRank:
         return local if peers is None else MlxLockstep(local, peers, self.spec.heartbeat_s)
 
     def follower(self, peers: Peers, model: Any) -> Following:
-        from shoal.engine_mlx.lockstep import MlxFollower
+        from shoal.engine_mlx.lockstep import MlxFollower, drop_head
 
+        drop_head(model)
         return MlxFollower(self._local(model, sample=False), peers, self.spec.heartbeat_s + 1.0)
 
 
