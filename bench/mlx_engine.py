@@ -1,6 +1,7 @@
 """The MLX engine against plain mlx-lm on the same model, machine and run: single-stream decode
 through shoal's scheduler (engine.generator + engine_mlx.executor) vs `mlx_lm.stream_generate`,
-and shoal's aggregate tok/s at several concurrent streams.
+and the aggregate tok/s at several concurrent streams (shoal's scheduler vs mlx-lm's own
+`batch_generate` on the same prompts).
 
     python bench/mlx_engine.py [--tokens 64] [--streams 4] [--bits 4]
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm import load as mlx_lm_load
 from mlx_lm import stream_generate
+from mlx_lm.generate import batch_generate
 
 from shoal.engine.generator import Generator
 from shoal.engine.sampling import SamplingParams
@@ -96,6 +98,12 @@ def main() -> None:
         for t in threads:
             t.join()
         aggregate = args.streams * args.tokens / (time.perf_counter() - wall)
+        # the reference at the same concurrency: mlx-lm's own batched generation
+        wall = time.perf_counter()
+        batch = batch_generate(ref_model, ref_tokenizer, [prompt] * args.streams,
+                               max_tokens=args.tokens, return_token_ids=True)  # fmt: skip
+        made = sum(len(ids) for ids in batch.token_ids or [])
+        reference_aggregate = made / (time.perf_counter() - wall)
     finally:
         generator.stop()
     weights = f"{args.bits}-bit" if args.bits else float_dtype(on_metal())
@@ -110,6 +118,8 @@ def main() -> None:
         "streams": args.streams,
         "shoal_aggregate_tok_s": round(aggregate, 2),
         "aggregate_over_single": round(aggregate / single, 2),
+        "mlx_lm_batch_aggregate_tok_s": round(reference_aggregate, 2),
+        "mlx_lm_batch_over_single": round(reference_aggregate / reference, 2),
     }
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
