@@ -94,8 +94,15 @@ def test_render_explains_each_hop_of_an_instance():
 
 
 def test_models_show_who_holds_them_whether_files_agree_and_pulls() -> None:
-    held = {"model_id": "org/m", "num_layers": 2, "hidden_size": 8, "num_heads": 2,
-            "num_kv_heads": 2, "head_dim": 4, "weight_bytes": 1}
+    held = {
+        "model_id": "org/m",
+        "num_layers": 2,
+        "hidden_size": 8,
+        "num_heads": 2,
+        "num_kv_heads": 2,
+        "head_dim": 4,
+        "weight_bytes": 1,
+    }
     nodes = [
         {"node_id": "aaaa1111", "name": "a", "models": [{**held, "files_digest": "x"}],
          "store": {"downloads": [{"model_id": "org/new", "status": "downloading",
@@ -111,3 +118,25 @@ def test_models_show_who_holds_them_whether_files_agree_and_pulls() -> None:
     out = io.StringIO()
     render({"leader": "aaaa1111", "nodes": nodes, "links": [], "drift": []}, out)
     assert "on a, b  (files agree)" in out.getvalue()
+
+
+def test_nodes_and_models_show_the_engines_backends_and_mlx_layouts() -> None:
+    held = {
+        "model_id": "org/moe",
+        "num_layers": 2,
+        "hidden_size": 8,
+        "num_heads": 2,
+        "num_kv_heads": 2,
+        "head_dim": 4,
+        "weight_bytes": 1,
+        "arch": "qwen3_moe",
+        "backends": ["ring", "jaccl"],
+        "mlx_layouts": ["pipeline", "tensor"],
+    }
+    nodes = [{"node_id": "aaaa1111", "name": "a", "engines": ["torch:mps", "mlx:metal"],
+              "backends": ["gloo", "ring", "jaccl"], "models": [held]}]  # fmt: skip
+    out = io.StringIO()
+    render({"leader": "aaaa1111", "nodes": nodes, "links": [], "drift": []}, out)
+    text = out.getvalue()
+    assert "runs torch:mps, mlx:metal; backends gloo, ring, jaccl" in text, text
+    assert "qwen3_moe over ring, jaccl; mlx pipeline/tensor" in text, text

@@ -44,6 +44,8 @@ def render(state: StateDocument | dict[str, Any], out: TextIO) -> None:
             + (f"  ({n.gone_reason})" if n.gone_reason else "")
             + "\n"
         )
+        if n.engines:
+            out.write(f"      runs {', '.join(n.engines)}; backends {', '.join(n.backends)}\n")
         for i in n.interfaces:
             if i.kind != "loopback" and i.addresses:
                 out.write(f"      {i.name:<12} {i.kind:<12} {', '.join(i.addresses)}\n")
@@ -74,15 +76,22 @@ def render(state: StateDocument | dict[str, Any], out: TextIO) -> None:
 def _render_models(nodes: Sequence[NodeRow], names: dict[str, str], out: TextIO) -> None:
     """Which node holds which model, whether their files agree, and downloads in flight."""
     holders: dict[str, dict[str, str | None]] = {}
+    kinds: dict[str, set[str]] = {}  # "llama over gloo, ring" per node's copy
     for n in nodes:
         for m in n.models:
             holders.setdefault(m.model_id, {})[n.node_id] = m.files_digest
+            layouts = f"; mlx {'/'.join(m.mlx_layouts)}" if m.mlx_layouts else ""
+            kinds.setdefault(m.model_id, set()).add(
+                f"{m.arch or '?'} over {', '.join(m.backends) or 'no backend'}{layouts}"
+            )
     out.write(f"\nmodels ({len(holders)})\n")
     for model_id, held in sorted(holders.items()):
         digests = {d for d in held.values() if d}
         files = "files agree" if len(digests) <= 1 else "FILES DIFFER: run `shoal audit`"
         who = ", ".join(sorted(_short(n, names) for n in held))
         out.write(f"  {model_id:<44} on {who}  ({files})\n")
+        for kind in sorted(kinds[model_id]):
+            out.write(f"      {kind}\n")
     for n in nodes:
         for d in n.store.downloads if n.store else ():
             done = f"{d.bytes_done / 2**20:.0f}/{d.bytes_total / 2**20:.0f} MiB"
