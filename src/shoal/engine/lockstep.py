@@ -178,38 +178,15 @@ def activation_shape(header: StepHeader, hidden: int) -> tuple[int, int, int]:
     return (1, header.rows, hidden) if header.op == Op.PREFILL else (header.rows, 1, hidden)
 
 
-class _Rank0:
-    """What rank 0's executors share: KV moves queued for the next header, the heartbeat,
-    the stop message and the sticky failure."""
+class Leading:
+    """Rank 0's life with the other ranks, whatever engine runs its model (the torch
+    executors below, engine_mlx.lockstep's): the heartbeat, the stop message and the sticky
+    failure. Subclasses send the headers (`_send`)."""
 
-    def __init__(
-        self,
-        model: Transformer,
-        peers: Peers,
-        config: ModelConfig,
-        max_batch: int,
-        max_seq_len: int,
-        heartbeat_s: float,
-    ) -> None:
-        self.model, self.peers, self.config = model, peers, config
-        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+    def __init__(self, max_batch: int, heartbeat_s: float) -> None:
         self.idle_every = heartbeat_s
-        self.device = next(model.parameters()).device
         self.codec = HeaderCodec(max_batch)
         self.failure: str | None = None
-        self.keep_logits = False  # tests and tools: fetch each step's logits to last_logits
-        self.last_logits: torch.Tensor | None = None
-        self._moves: list[Move] = []
-        model.setup_cache(max_batch, max_seq_len)
-        self._prepare()
-
-    def _prepare(self) -> None:
-        """Subclasses: allocate the buffers of their protocol."""
-
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        self.model.cache.move_slot(src, dst, length)
-        if src != dst and length > 0:
-            self._moves.append((src, dst, length))
 
     def idle(self) -> None:
         self._run(lambda: self._send(StepHeader(Op.NOOP)))
@@ -228,20 +205,58 @@ class _Rank0:
         if self.failure is not None:
             raise PeerLostError(self.failure)
         try:
-            while len(self._moves) > self.codec.max_moves:  # rare: flush what does not fit
-                self._send(StepHeader(Op.NOOP))
+            self._before_step()
             return step()
         except Exception as exc:  # the ranks may now disagree on the step: never go on
             self.failure = str(exc) if isinstance(exc, PeerLostError) else repr(exc)
             raise
 
+    def _before_step(self) -> None:
+        """Subclasses: what must reach the other ranks before any step."""
+
+    def _send(self, header: StepHeader, h: torch.Tensor | None = None) -> None:
+        raise NotImplementedError
+
+
+class _Rank0(Leading):
+    """What the torch engine's rank-0 executors share: the model and its cache, and the KV
+    moves queued for the next header."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        peers: Peers,
+        config: ModelConfig,
+        max_batch: int,
+        max_seq_len: int,
+        heartbeat_s: float,
+    ) -> None:
+        super().__init__(max_batch, heartbeat_s)
+        self.model, self.peers, self.config = model, peers, config
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.device = next(model.parameters()).device
+        self.keep_logits = False  # tests and tools: fetch each step's logits to last_logits
+        self.last_logits: torch.Tensor | None = None
+        self._moves: list[Move] = []
+        model.setup_cache(max_batch, max_seq_len)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Subclasses: allocate the buffers of their protocol."""
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self.model.cache.move_slot(src, dst, length)
+        if src != dst and length > 0:
+            self._moves.append((src, dst, length))
+
+    def _before_step(self) -> None:
+        while len(self._moves) > self.codec.max_moves:  # rare: flush what does not fit
+            self._send(StepHeader(Op.NOOP))
+
     def _take_moves(self) -> tuple[Move, ...]:
         taken = self._moves[: self.codec.max_moves]
         del self._moves[: self.codec.max_moves]
         return tuple(taken)
-
-    def _send(self, header: StepHeader, h: torch.Tensor | None = None) -> None:
-        raise NotImplementedError
 
 
 class PipelineExecutor(_Rank0):

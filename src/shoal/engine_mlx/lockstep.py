@@ -16,7 +16,6 @@ mx error: either breaks the instance for good, as on torch.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,11 +23,10 @@ from typing import Any, TypeVar
 import torch
 
 from shoal.engine.distributed import PeerLostError, Peers
-from shoal.engine.lockstep import HeaderCodec, Op, StepHeader
+from shoal.engine.lockstep import HeaderCodec, Leading, Op, StepHeader
 from shoal.engine.sampling import SamplingParams
 from shoal.engine_mlx.executor import MlxExecutor
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 FOLLOWER = SamplingParams(max_tokens=1, temperature=0)  # followers never sample
 
@@ -52,17 +50,15 @@ def _lost(exc: Exception) -> PeerLostError:
     return PeerLostError(f"the MLX group failed: {str(exc).strip() or type(exc).__name__}")
 
 
-class MlxLockstep:
+class MlxLockstep(Leading):
     """Rank 0's executor: tells the others each step, then runs it on its own shard."""
 
     def __init__(self, local: MlxExecutor, peers: Peers, heartbeat_s: float) -> None:
+        super().__init__(local.max_batch, heartbeat_s)
         self.local, self.peers, self.config = local, peers, local.config
         self.max_batch, self.max_seq_len = local.max_batch, local.max_seq_len
         self.device = local.device
-        self.idle_every = heartbeat_s
-        self.codec = HeaderCodec(local.max_batch)
         self.head = torch.zeros(self.codec.size, dtype=torch.int64)
-        self.failure: str | None = None
 
     def prefill(self, seq_id: int, slot: int, prompt: list[int], params: SamplingParams) -> int:
         def step() -> int:
@@ -86,34 +82,27 @@ class MlxLockstep:
     def move_slot(self, src: int, dst: int, length: int) -> None:
         pass  # rows follow the ids each decode header names, on every rank
 
-    def idle(self) -> None:
-        self._run(lambda: self._send(StepHeader(Op.NOOP)))
-
     def close(self) -> None:
-        """Tell the other ranks to stop (best effort: a broken instance has no one to tell)."""
-        if self.failure is None:
-            try:
-                self._run(lambda: self._send(StepHeader(Op.STOP)))
-            except PeerLostError as exc:
-                log.warning("could not tell the other ranks to stop: %s", exc)
-            self.failure = "the instance is stopped"
+        super().close()
         self.local.close()
 
-    def _send(self, header: StepHeader) -> None:
+    def _send(self, header: StepHeader, h: torch.Tensor | None = None) -> None:
         self.head.copy_(torch.tensor(self.codec.pack(header), dtype=torch.int64))
         self.peers.broadcast(self.head, 0)
 
     def _run(self, step: Callable[[], T]) -> T:
-        """One step with the other ranks; any error breaks the instance for good (the ranks
-        may now disagree on what ran)."""
-        if self.failure is not None:
-            raise PeerLostError(self.failure)
-        try:
-            return step()
-        except Exception as exc:
-            lost = _lost(exc)
-            self.failure = str(lost)
-            raise lost from exc
+        """As Leading's, with an mx error (a peer lost inside the model's collectives) told
+        as a lost peer."""
+
+        def told() -> T:
+            try:
+                return step()
+            except PeerLostError:
+                raise
+            except Exception as exc:
+                raise _lost(exc) from exc
+
+        return super()._run(told)
 
 
 class MlxFollower:
