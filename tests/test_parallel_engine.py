@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runner_procs import RunnerProcess, free_port
 
 from shoal.engine.distributed import PeerLostError, join
 from shoal.engine.generator import Generator, LocalExecutor
@@ -30,7 +31,6 @@ from shoal.runner.spec import RunnerSpec
 
 from engine_helpers import bundled_gguf, save_tiny_model
 from test_generator import QUESTIONS, prompt, run
-from test_runner import RunnerProcess, free_port
 
 pytestmark = pytest.mark.timeout(240)
 

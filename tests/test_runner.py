@@ -3,18 +3,12 @@ and meeting (or failing to meet) the other ranks."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
+from runner_procs import free_port
 
 from shoal.engine.sharding import even_layer_ranges
 from shoal.runner.spec import RunnerSpec
@@ -24,73 +18,6 @@ from engine_helpers import bundled_gguf
 pytestmark = pytest.mark.timeout(240)
 
 SMOLLM_LAYERS = 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RunnerProcess:
-    """One `python -m shoal.runner` process and the status lines it printed."""
-
-    def __init__(self, spec: RunnerSpec, log_dir: Path) -> None:
-        self.spec = spec
-        self.log = log_dir / f"{spec.instance_id}-rank{spec.rank}.log"
-        env = {**os.environ, "SHOAL_TORCH_THREADS": "1", "SHOAL_LOG_LEVEL": "WARNING"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal.runner", "--spec-json", spec.model_dump_json()],
-            stdout=subprocess.PIPE,
-            stderr=self.log.open("w"),
-            text=True,
-            env=env,
-        )
-        self.lines: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(json.loads(line))
-
-    @property
-    def statuses(self) -> list[str]:
-        return [line["status"] for line in self.lines]
-
-    def wait_status(self, status: str, timeout: float) -> dict:
-        """The first line with this status; fails the test with the runner's log otherwise."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if line["status"] == status:
-                    return line
-            if self.proc.poll() is not None and not any(s == status for s in self.statuses):
-                time.sleep(0.2)  # the reader may still hold the last line
-                if not any(s == status for s in self.statuses):
-                    break
-            time.sleep(0.05)
-        pytest.fail(
-            f"rank {self.spec.rank} did not report {status!r} within {timeout} s; it said "
-            f"{self.lines}; log tail:\n{self.log_tail()}"
-        )
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"rank {self.spec.rank} did not exit in {timeout} s:\n{self.log_tail()}")
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def pipeline_specs(name: str, world: int = 2, **overrides: object) -> list[RunnerSpec]:
@@ -112,19 +39,6 @@ def pipeline_specs(name: str, world: int = 2, **overrides: object) -> list[Runne
         )
         for rank, layers in enumerate(even_layer_ranges(SMOLLM_LAYERS, world))
     ]
-
-
-@pytest.fixture
-def launch(tmp_path):
-    started: list[RunnerProcess] = []
-
-    def start(spec: RunnerSpec) -> RunnerProcess:
-        started.append(RunnerProcess(spec, tmp_path))
-        return started[-1]
-
-    yield start
-    for runner in started:
-        runner.kill()
 
 
 def test_two_rank_pipeline_answers_through_rank_zero_and_stops_on_sigterm(launch):
