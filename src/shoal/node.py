@@ -46,7 +46,14 @@ from shoal.models.local import mlx_installed
 from shoal.models.store import ModelStore, parse_dirs
 from shoal.placement.plan import solo_instance
 from shoal.runner.spec import node_capabilities, pick_engine
-from shoal.schema.report import AutoPlace, ClusterPlan, HeldModel, InstanceSpec, RunnerState
+from shoal.schema.report import (
+    MLX_BACKENDS,
+    AutoPlace,
+    ClusterPlan,
+    HeldModel,
+    InstanceSpec,
+    RunnerState,
+)
 from shoal.schema.thresholds import parse_bounds
 from shoal.worker import Worker, WorkerSettings
 
@@ -158,7 +165,7 @@ class Node:
             return {}
         held = self.held[choice.id].held
         engine = self.engine
-        if self.settings.engine == "auto" and not {"gloo", "nccl"} & set(held.backends):
+        if self.settings.engine == "auto" and set(held.backends) <= MLX_BACKENDS:
             engine = "mlx" if mlx_installed() else engine  # only mlx-lm reads this model
         instance = solo_instance(self.identity.node_id, held, engine)
         return {choice.id: instance.model_copy(update={"created_at": time.time()})}

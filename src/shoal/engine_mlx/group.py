@@ -24,11 +24,11 @@ from typing import Any
 
 from shoal.engine.distributed import FAILED_KEY, InitError, Peers, try_timeouts
 from shoal.schema.address import join_host_port
+from shoal.schema.report import MLX_BACKENDS
 
 log = logging.getLogger(__name__)
 
 LISTEN_KEY = "shoal/mlx/listen/{rank}"  # a ring rank's host:port, or rank 0's coordinator
-GROUP_BACKENDS = ("ring", "jaccl")
 
 
 def mlx_rank(rank: int, world: int) -> int:
@@ -139,7 +139,7 @@ def join_group(
     import mlx.core as mx
 
     rank, world = peers.rank, peers.world_size
-    if backend not in GROUP_BACKENDS:
+    if backend not in MLX_BACKENDS:
         raise InitError(f"the MLX engine runs over ring or jaccl, not {backend!r}")
     if len(hosts) != world:
         raise InitError(f"rank {rank}: {len(hosts)} rank addresses for {world} ranks")

@@ -19,10 +19,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shoal.schema.reasons import Reason, reason, render
+from shoal.schema.report import BACKEND_ENGINE
 
 BUILTIN_DIR = Path(__file__).with_name("cards")
 STATUSES = ("active", "blocked", "watch", "deprecated")
-BACKENDS = ("gloo", "nccl", "ring", "jaccl")  # torch: gloo, nccl; mlx: ring, jaccl
+BACKENDS = tuple(BACKEND_ENGINE)
 
 
 class CardError(ValueError):

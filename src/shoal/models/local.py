@@ -16,12 +16,11 @@ from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 from shoal.models.cards import ModelCard, card_for
 from shoal.models.manifest import Manifest, build_manifest
 from shoal.models.store import ModelStore, load_path
-from shoal.schema.report import HeldModel
+from shoal.schema.report import MLX_BACKENDS, HeldModel
 
 log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"cpu": 4, "cuda": 2, "mps": 2}  # what load_model materialises per device
-MLX_BACKENDS = frozenset({"ring", "jaccl"})
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from shoal.schema.exo import (
 )
 from shoal.schema.reasons import reason
 from shoal.schema.report import (
+    BACKEND_ENGINE,
     AutoPlace,
     ClusterPlan,
     HeldModel,
@@ -54,7 +55,6 @@ META_NAME = {
     "ring": "MlxRingInstance",
     "jaccl": "MlxJacclInstance",
 }
-BACKEND_ENGINE = {"gloo": "torch", "nccl": "torch", "ring": "mlx", "jaccl": "mlx"}
 STORE_PORTS = (41000, 48999)  # TCPStore ports, picked per instance id
 
 
@@ -62,7 +62,7 @@ def parse_meta(text: str | None) -> tuple[str, str]:
     """An instance_meta value -> (backend, meta name shown in /state)."""
     backend = META_BACKEND.get((text or "gloo").strip().lower())
     if backend is None:
-        names = ", ".join(["gloo", "nccl", "ring", "jaccl", *META_NAME.values()])
+        names = ", ".join([*BACKEND_ENGINE, *META_NAME.values()])
         raise ValueError(f"unknown instance_meta {text!r}; use one of {names}")
     named = text is not None and text.strip().lower().endswith("instance")
     return backend, (text.strip() if named and text else META_NAME[backend])

@@ -31,7 +31,7 @@ from typing import Literal
 from shoal.placement.addressing import RECENT_S, PathOption, host_of, options_to, rank_key
 from shoal.schema.address import interface_holding
 from shoal.schema.reasons import CandidateReason, PathRef, Reason, Refusal, reason
-from shoal.schema.report import HeldModel, InterfaceInfo, NodeReport
+from shoal.schema.report import MLX_BACKENDS, HeldModel, InterfaceInfo, NodeReport
 
 GIB = 1024**3
 MAX_EXHAUSTIVE = 8
@@ -55,7 +55,6 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
 
-MLX_BACKENDS = ("ring", "jaccl")  # mx.distributed's: the MLX engine's instances
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from shoal.engine.sharding import load_tensor_shard, tensor_parallel_config
 from shoal.engine.tokenizer import default_cache_dir
 from shoal.engine.weights import WeightSource, load_model, open_source, release_freed_memory
 from shoal.runner.spec import RunnerSpec
+from shoal.schema.report import MLX_BACKENDS
 
 
 def rendezvous_of(spec: RunnerSpec) -> Rendezvous:
@@ -156,7 +157,7 @@ class MlxRank:
     def __init__(self, spec: RunnerSpec) -> None:
         from shoal.engine_mlx import load as mlx_load
 
-        if spec.world_size > 1 and spec.backend not in ("ring", "jaccl"):
+        if spec.world_size > 1 and spec.backend not in MLX_BACKENDS:
             raise ValueError(
                 f"an MLX instance across nodes runs over ring or jaccl, not {spec.backend}"
             )

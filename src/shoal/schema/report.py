@@ -158,6 +158,12 @@ class AutoPlace(Model):
     allow_blocked: bool = False  # `shoal run --allow-blocked`: the card's block is overridden
 
 
+# The engine an instance of each backend runs on: torch (gloo over TCP, nccl on CUDA) or mlx
+# (mx.distributed's ring over TCP, JACCL's RDMA over Thunderbolt 5).
+BACKEND_ENGINE = {"gloo": "torch", "nccl": "torch", "ring": "mlx", "jaccl": "mlx"}
+MLX_BACKENDS = frozenset(b for b, engine in BACKEND_ENGINE.items() if engine == "mlx")
+
+
 class InstanceSpec(Model):
     """One placed instance: a model split over nodes in rank order."""
 
