@@ -16,6 +16,7 @@ from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 from shoal.models.cards import ModelCard, card_for
 from shoal.models.manifest import Manifest, build_manifest
 from shoal.models.store import ModelStore, load_path
+from shoal.runner.spec import apple_silicon
 from shoal.schema.report import MLX_BACKENDS, HeldModel
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ def describe(
         torch_ok = False
     mlx = mlx_installed() and bool(MLX_BACKENDS & set(backends))
     dtype_bytes = DTYPE_BYTES.get(device.split(":")[0], 4)
+    # a GGUF is converted for mlx (engine_mlx.convert: float16 on Metal, float32 on its CPU);
+    # safetensors load as their files hold them
+    mlx_float_bytes = 2 if apple_silicon(platform.system(), platform.machine()) else 4
     held = HeldModel(
         model_id=model_id,
         num_layers=config.num_layers,
@@ -70,9 +74,7 @@ def describe(
         arch=config.arch,
         backends=tuple(b for b in backends if torch_ok or b in MLX_BACKENDS),
         mlx_layouts=mlx_layouts(config.arch) if mlx else (),
-        # a GGUF is converted for mlx (engine_mlx.convert: float16 on Metal, float32 on its
-        # CPU); safetensors load as their files hold them
-        mlx_weight_bytes=params * (2 if _metal() else 4) if gguf else data_bytes,
+        mlx_weight_bytes=params * mlx_float_bytes if gguf else data_bytes,
         files_digest=(manifest or build_manifest(model_id, source or path)).digest,
     )
     return LocalModel(model_id, path, held, source)
@@ -85,10 +87,6 @@ def mlx_quantized(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "quantization" in config
-
-
-def _metal() -> bool:
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
 def mlx_installed() -> bool:

@@ -63,13 +63,18 @@ class StatusLine(BaseModel):
     layers: tuple[int, int] | None = None  # loading: (layers this rank holds so far, of)
 
 
+def apple_silicon(system: str, machine: str) -> bool:
+    """Where mlx runs on Metal (platform.system(), platform.machine())."""
+    return system == "Darwin" and machine == "arm64"
+
+
 def node_capabilities(
     system: str, machine: str, cuda: bool, mps: bool, mlx_installed: bool
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(engines as engine:device, instance backends) a node can run. torch runs everywhere
     (gloo over TCP; nccl on CUDA); mlx where installed: Metal on an Apple-silicon Mac, its CPU
     build elsewhere, the ring over TCP anywhere, JACCL (RDMA over Thunderbolt 5) only on Macs."""
-    mac = system == "Darwin" and machine == "arm64"
+    mac = apple_silicon(system, machine)
     torch_device = "cuda" if cuda else "mps" if mps else "cpu"
     engines = [f"torch:{torch_device}"]
     backends = ["gloo", *(["nccl"] if cuda else [])]
@@ -88,6 +93,5 @@ def pick_engine(setting: str, system: str, machine: str, mlx_installed: bool) ->
     if setting == "mlx" and not mlx_installed:
         raise ValueError("--engine mlx: mlx and mlx-lm are not installed; pip install 'shoal[mlx]'")
     if setting == "auto":
-        mac = system == "Darwin" and machine == "arm64"
-        return "mlx" if mac and mlx_installed else "torch"
+        return "mlx" if apple_silicon(system, machine) and mlx_installed else "torch"
     return setting
