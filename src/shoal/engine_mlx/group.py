@@ -168,7 +168,8 @@ def join_group(
             except Exception as exc:  # a peer not listening yet, a port taken: try again
                 last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 log.info("rank %d: %s try %d failed: %s", rank, backend, number, last_error)
-            time.sleep(max(0.0, wait_s - (time.monotonic() - started)))
+            if number < attempts:  # after the last try, say so at once
+                time.sleep(max(0.0, wait_s - (time.monotonic() - started)))
     raise InitError(
         f"rank {rank} of {world} could not join the mlx {backend} group over {what} "
         f"(listening on {host} via {f'interface {ifname}' if ifname else 'its route'}): "
