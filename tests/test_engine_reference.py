@@ -45,7 +45,7 @@ def smollm():
     ref = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()
-    return load_model(path), ref
+    return load_model(path, quantize="none"), ref  # transformers dequantizes to float32
 
 
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" and a

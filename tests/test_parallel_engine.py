@@ -188,6 +188,7 @@ SMOLLM_PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 5
 TINY_PROMPT = [1, 5, 17, 42, 8, 93, 11, 60, 3, 77, 21, 34]
 PROMPTS = {
     "smollm": [SMOLLM_PROMPT, SMOLLM_PROMPT[:9], SMOLLM_PROMPT[3:]],
+    "smollm-q4": [SMOLLM_PROMPT, SMOLLM_PROMPT[:9], SMOLLM_PROMPT[3:]],
     "qwen3": [TINY_PROMPT, TINY_PROMPT[:5], TINY_PROMPT[2:] + [50, 51]],
 }
 
@@ -196,6 +197,7 @@ PROMPTS = {
 def model_paths(tmp_path_factory) -> dict[str, Path]:
     return {
         "smollm": bundled_gguf(),
+        "smollm-q4": bundled_gguf(),
         "qwen3": save_tiny_model("qwen3", tmp_path_factory.mktemp("qwen3")),
     }
 
@@ -205,14 +207,23 @@ def single_process(model_paths) -> dict[str, list[Seq]]:
     """Each sequence run alone, on the whole model in this process."""
     solo: dict[str, list[Seq]] = {}
     for name, path in model_paths.items():
-        executor = LocalExecutor(load_model(path), max_batch=3, max_seq_len=128)
+        model = load_model(path, quantize=QUANTIZE[name])
+        executor = LocalExecutor(model, max_batch=3, max_seq_len=128)
         executor.keep_logits = True
         solo[name] = [run_together(executor, [s])[0] for s in three_sequences(PROMPTS[name])]
     return solo
 
 
+# smollm: float32, so the split changes nothing but the order of float32 sums (1e-3).
+# smollm-q4: its 4-bit layout. The kernels take and give bfloat16 (a logit near 30 moves in
+# steps of 0.125), and a tensor split sums three rounded partial outputs, so the same tokens
+# and logits within 1.0 (a few such steps).
+QUANTIZE = {"smollm": "none", "smollm-q4": "auto", "qwen3": "auto"}
+TOLERANCE = {"smollm": 1e-3, "smollm-q4": 1.0, "qwen3": 1e-3}
 CASES = [
     ("smollm", "pipeline", 2),
+    ("smollm-q4", "pipeline", 2),
+    ("smollm-q4", "tensor", 3),
     ("smollm", "pipeline", 3),
     ("smollm", "tensor", 3),  # 9 heads and 3 KV heads: 3 ranks, not 2
     ("qwen3", "pipeline", 2),
@@ -225,14 +236,24 @@ CASES = [
 def test_sharded_batch_gives_single_process_tokens_and_logits(
     model, sharding, world, model_paths, single_process, tmp_path
 ):
-    with sharded(model_paths[model], sharding, world, tmp_path) as instance:
+    quantize = QUANTIZE[model]
+    with sharded(model_paths[model], sharding, world, tmp_path, quantize=quantize) as instance:
         together = run_together(instance.executor, three_sequences(PROMPTS[model]))
         instance.stop()
     for shard_seq, solo in zip(together, single_process[model], strict=True):
-        assert shard_seq.out == solo.out, f"sequence {solo.id}"
         assert len(shard_seq.logits) == len(solo.logits) == solo.length
-        for ours, reference in zip(shard_seq.logits, solo.logits, strict=True):
-            assert (ours - reference).abs().max().item() < 1e-3
+        out, expected = shard_seq.out, solo.out
+        if TOLERANCE[model] > 1e-3 and solo.params.temperature:
+            # a sampled token can fall either side of a draw when logits move by a step;
+            # compare up to the first such fork (the sequences are the same seed's)
+            fork = next(
+                (i for i, (a, b) in enumerate(zip(out, expected, strict=True)) if a != b), len(out)
+            )
+            out, expected = out[: fork + 1], expected[: fork + 1]
+        else:
+            assert out == expected, f"sequence {solo.id}"
+        for ours, reference in zip(shard_seq.logits[: len(out)], solo.logits, strict=False):
+            assert (ours - reference).abs().max().item() < TOLERANCE[model]
 
 
 # -- the scheduler over a pipeline ------------------------------------------------------------

@@ -79,6 +79,13 @@ class RunSettings:
         None, "id clients use for the model; default: its Hugging Face id, or the file or dir name"
     )
     device: str = _flag("auto", "where the model runs", ("auto", "cpu", "cuda"))
+    quantize: str = _flag(
+        "auto",
+        "how the torch engine holds weights on the CPU: auto = a GGUF's 4-bit blocks stay 4-bit "
+        "(its other quantized types 8-bit) and 16-bit safetensors stay 16-bit; int8 = also "
+        "quantize dense weights to int8 at load; none = dequantize everything to float32",
+        ("auto", "int8", "none"),
+    )
     engine: str = _flag(
         "auto",
         "which engine serves the model this node serves alone: auto = mlx on an Apple-silicon "

@@ -145,6 +145,7 @@ class Node:
             WorkerSettings(
                 serve_host=settings.host,
                 device=self.device,
+                quantize=settings.quantize,
                 max_batch=settings.max_batch,
                 max_seq_len=settings.max_seq_len,
                 tokenizer_cache=settings.paths.tokenizer_cache,
@@ -189,6 +190,7 @@ class Node:
             cards,
             configured=(choice.id, choice.path) if choice else None,
             device=self.device,
+            quantize=s.quantize,
             offline=s.offline,
             backends=self.backends,
         )

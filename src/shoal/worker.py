@@ -34,6 +34,7 @@ ENDED = ("failed", "stopped")
 class WorkerSettings:
     serve_host: str = "127.0.0.1"  # where a rank-0 runner's OpenAI endpoint listens
     device: str = "cpu"
+    quantize: str = "auto"  # engine.quant.QUANTIZE_MODES
     max_batch: int = 4
     max_seq_len: int | None = None
     tokenizer_cache: Path | None = None
@@ -202,6 +203,7 @@ class Worker:
             rank_hosts=instance.rank_addresses,
             rdma_devices=instance.rdma_devices,
             device=s.device,
+            quantize=s.quantize,  # type: ignore[arg-type]
             max_batch=s.max_batch,
             max_seq_len=s.max_seq_len,
             serve_host=s.serve_host,

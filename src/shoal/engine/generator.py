@@ -129,7 +129,7 @@ class LocalExecutor:
         self.model = model
         self.config = model.config
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.device = next(model.parameters()).device
+        self.device = model.device
         self.sampler = SamplerBank()
         self.keep_logits = False  # tests and tools: keep each step's logits in last_logits
         self.last_logits: torch.Tensor | None = None

@@ -234,7 +234,7 @@ class _Rank0(Leading):
         super().__init__(max_batch, heartbeat_s)
         self.model, self.peers, self.config = model, peers, config
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.device = next(model.parameters()).device
+        self.device = model.device
         self.keep_logits = False  # tests and tools: fetch each step's logits to last_logits
         self.last_logits: torch.Tensor | None = None
         self._moves: list[Move] = []
@@ -264,7 +264,7 @@ class PipelineExecutor(_Rank0):
 
     def _prepare(self) -> None:
         config, peers, model = self.config, self.peers, self.model
-        dtype = next(model.parameters()).dtype
+        dtype = model.dtype
         self.wire = Wire(self.codec, config.hidden_size, dtype, peers.device)
         self.reply = torch.zeros(self.max_batch, dtype=torch.int64, device=peers.device)
         self.last_rank = peers.world_size - 1
@@ -375,7 +375,7 @@ class Follower:
         stop_grace_s: float = 3.0,
     ) -> None:
         self.model, self.peers, self.config, self.sharding = model, peers, config, sharding
-        self.device = next(model.parameters()).device
+        self.device = model.device
         self.codec = HeaderCodec(max_batch)
         self.stop_grace_s = stop_grace_s
         self.stop_by: float | None = None
@@ -387,7 +387,7 @@ class Follower:
             attach_reduce(model, peers.all_reduce)
             self.head = torch.zeros(self.codec.size, dtype=torch.int64, device=peers.device)
         else:
-            dtype = next(model.parameters()).dtype
+            dtype = model.dtype
             self.wire = Wire(self.codec, config.hidden_size, dtype, peers.device)
             self.sampler = SamplerBank()
             self.reply = torch.zeros(max_batch, dtype=torch.int64, device=peers.device)

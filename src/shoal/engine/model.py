@@ -61,7 +61,8 @@ class Step:
 
 
 class Attention(nn.Module):
-    """Attention weights; Block.forward does the math."""
+    """Attention weights; Block.forward does the math. The linears are placeholders the loader
+    replaces with the layer each weight calls for (engine.quant)."""
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
@@ -74,12 +75,16 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU weights: gate and up projections fused into w13."""
+    """SwiGLU: gate and up projections fused into w13."""
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.w13 = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)  # gate | up
         self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -101,7 +106,7 @@ class Block(nn.Module):
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         a, ff = self.attention, self.feed_forward
 
-        qkv = F.linear(rms_norm(x, self.attention_norm), a.wqkv.weight, a.wqkv.bias)
+        qkv = a.wqkv(rms_norm(x, self.attention_norm))
         qkv = qkv.view(bsz, seqlen, nh + 2 * nkv, hd)
         if a.q_norm is not None:
             q, k, v = qkv.split([nh, nkv, nkv], dim=2)
@@ -117,13 +122,12 @@ class Block(nn.Module):
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=step.mask, enable_gqa=nh != nkv
         )
-        attended = F.linear(out.transpose(1, 2).reshape(bsz, seqlen, nh * hd), a.wo.weight)
+        attended = a.wo(out.transpose(1, 2).reshape(bsz, seqlen, nh * hd))
         if self.reduce is not None:
             self.reduce(attended)
         h = x + attended
 
-        gate, up = F.linear(rms_norm(h, self.ffn_norm), ff.w13.weight).chunk(2, dim=-1)
-        mixed = F.linear(F.silu(gate) * up, ff.w2.weight)
+        mixed = ff(rms_norm(h, self.ffn_norm))
         if self.reduce is not None:
             self.reduce(mixed)
         return h + mixed
@@ -152,15 +156,24 @@ class Transformer(nn.Module):
         self.cache: KVCache | None = None
         self.rope_cos = self.rope_sin = torch.empty(0)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (activations, norms, KV cache); weights may be stored quantized."""
+        return self.layers[0].attention_norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].attention_norm.weight.device
+
     def setup_cache(self, max_batch: int, max_seq_len: int) -> None:
-        c, p = self.config, next(self.parameters())
+        c, dtype, device = self.config, self.dtype, self.device
         self.cache = KVCache(
-            len(self.layers), max_batch, c.num_kv_heads, max_seq_len, c.head_dim, p.dtype, p.device
+            len(self.layers), max_batch, c.num_kv_heads, max_seq_len, c.head_dim, dtype, device
         )
         cos, sin = rope_tables(c, max_seq_len)
         # rotate_half(x) * sin == roll(x, hd/2) * sin with the first half of sin negated.
         sin = torch.cat([-sin[:, : c.head_dim // 2], sin[:, c.head_dim // 2 :]], dim=-1)
-        self.rope_cos, self.rope_sin = cos.to(p.device, p.dtype), sin.to(p.device, p.dtype)
+        self.rope_cos, self.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, step: Step, all_logits: bool = False) -> torch.Tensor:
@@ -186,4 +199,4 @@ class Transformer(nn.Module):
         if not self.is_last:
             return h
         h = rms_norm(h if all_logits else h[:, -1], self.norm)
-        return F.linear(h, self.lm_head.weight)
+        return self.lm_head(h)

@@ -22,7 +22,17 @@ import torch
 
 from shoal.engine.config import ModelConfig
 from shoal.engine.model import Transformer
-from shoal.engine.weights import WeightSource, default_dtype, open_source, shard_state_dict
+from shoal.engine.quant import QuantWeight, cat_rows
+from shoal.engine.weights import (
+    WeightSource,
+    assign_weights,
+    default_dtype,
+    keeps_quantized,
+    open_source,
+    shard_state_dict,
+)
+
+Weight = torch.Tensor | QuantWeight
 
 
 class ShardingError(ValueError):
@@ -66,21 +76,20 @@ def tensor_parallel_config(config: ModelConfig, world_size: int) -> ModelConfig:
     )
 
 
-def _part(t: torch.Tensor, rank: int, world: int, dim: int) -> torch.Tensor:
+def _part(t: Weight, rank: int, world: int, dim: int) -> Weight:
     size = t.shape[dim] // world
     return t.narrow(dim, rank * size, size)
 
 
-def tensor_slice(
-    name: str, tensor: torch.Tensor, config: ModelConfig, rank: int, world: int
-) -> torch.Tensor:
-    """Rank `rank`'s share of one engine parameter (the full model's config)."""
+def tensor_slice(name: str, tensor: Weight, config: ModelConfig, rank: int, world: int) -> Weight:
+    """Rank `rank`'s share of one engine parameter (the full model's config); a quantized
+    matrix is sliced in its quantized form."""
     kind = re.sub(r"^layers\.\d+\.", "", name)
     if kind in ("attention.wqkv.weight", "attention.wqkv.bias"):
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        return torch.cat([_part(p, rank, world, 0) for p in tensor.split([q, kv, kv])])
+        return cat_rows([_part(p, rank, world, 0) for p in tensor.split([q, kv, kv])])
     if kind == "feed_forward.w13.weight":  # gate | up, each split on its own
-        return torch.cat([_part(p, rank, world, 0) for p in tensor.chunk(2)])
+        return cat_rows([_part(p, rank, world, 0) for p in tensor.chunk(2)])
     if kind in ("attention.wo.weight", "feed_forward.w2.weight"):
         return _part(tensor, rank, world, 1).clone()  # a copy frees the full tensor
     return tensor  # embedding, norms, q/k norms (per head_dim), LM head: replicated
@@ -93,6 +102,7 @@ def load_tensor_shard(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     source: WeightSource | None = None,
+    quantize: str = "auto",
 ) -> Transformer:
     """Rank `rank`'s slices of every layer; the LM head only on rank 0 (the sampler).
 
@@ -109,15 +119,10 @@ def load_tensor_shard(
     if not keep_head:
         model.norm = model.lm_head = None
         model.is_last = False  # forward returns the hidden states, which nobody reads
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in shard_state_dict(source, (0, full.num_layers), True, keep_head):
-        if name == "lm_head.weight" and full.tie_word_embeddings:
-            state[name] = state["embed.weight"]
-            continue
-        part = tensor_slice(name, tensor, full, rank, world_size)
-        state[name] = part.to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    quantized = keeps_quantized(device, quantize)
+    weights = shard_state_dict(source, (0, full.num_layers), True, keep_head, quantized)
+    parts = ((n, tensor_slice(n, t, full, rank, world_size)) for n, t in weights)
+    return assign_weights(model, parts, device, dtype, quantize)
 
 
 def attach_reduce(model: Transformer, reduce: Callable[[torch.Tensor], object]) -> None:

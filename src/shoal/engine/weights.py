@@ -15,9 +15,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from shoal.engine.config import ModelConfig
 from shoal.engine.model import Transformer
+from shoal.engine.quant import (
+    CastEmbedding,
+    DenseLinear,
+    QuantEmbedding,
+    QuantWeight,
+    cat_rows,
+    from_gguf,
+    make_linear,
+)
 
 _GGUF_LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -44,7 +54,11 @@ class WeightSource(Protocol):
 
     def names(self) -> set[str]: ...
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as float (dequantized)."""
+
+    def get_weight(self, name: str) -> torch.Tensor | QuantWeight:
+        """The tensor as stored: a quantized matrix stays quantized."""
 
 
 class SafetensorsSource:
@@ -79,9 +93,12 @@ class SafetensorsSource:
             self._handles[file] = self._open(self.path / file, "pt")
         return self._handles[file].get_tensor(name)
 
+    get_weight = get
+
 
 class GGUFSource:
-    """A GGUF file; quantised tensors are dequantised to float32 with the `gguf` package."""
+    """A GGUF file: `get` dequantises to float32 with the `gguf` package, `get_weight` keeps a
+    quantised matrix quantised (engine.quant)."""
 
     def __init__(self, path: str | Path) -> None:
         import gguf
@@ -90,7 +107,7 @@ class GGUFSource:
         self._gguf = gguf
         self.reader = gguf.GGUFReader(self.path)
         self.metadata = read_gguf_metadata(self.reader)
-        self._tensors = {_gguf_to_hf_name(t.name): t for t in self.reader.tensors}
+        self._tensors = {gguf_to_hf_name(t.name): t for t in self.reader.tensors}
         self.config = ModelConfig.from_gguf_fields(
             self.metadata, has_output_weight="lm_head.weight" in self._tensors
         )
@@ -104,15 +121,26 @@ class GGUFSource:
         if not array.flags.writeable:  # unquantised tensors are views into the read-only mmap
             array = array.copy()
         tensor = torch.from_numpy(array.reshape([int(d) for d in reversed(t.shape)]))
+        return self._hf_rows(name, tensor)
+
+    def get_weight(self, name: str) -> torch.Tensor | QuantWeight:
+        t = self._tensors[name]
+        kind = t.tensor_type.name
+        if kind in ("F32", "F16", "BF16") or len(t.shape) != 2:
+            return self.get(name)
+        rows, cols = int(t.shape[1]), int(t.shape[0])
+        return self._hf_rows(name, from_gguf(kind, t.data, (rows, cols)))
+
+    def _hf_rows(self, name: str, w: Any) -> Any:
         # llama.cpp interleaves Q/K rows for its RoPE kernel on llama-style models; undo it so
         # the weights match HF's half-split rotary layout.
         c = self.config
         if c.arch in ("llama", "mistral"):
             if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-                tensor = _unpermute_rows(tensor, c.num_heads)
-            elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-                tensor = _unpermute_rows(tensor, c.num_kv_heads)
-        return tensor
+                return _unpermute_rows(w, c.num_heads)
+            if name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+                return _unpermute_rows(w, c.num_kv_heads)
+        return w
 
 
 def read_gguf_metadata(reader: Any) -> dict[str, Any]:
@@ -129,7 +157,7 @@ def read_gguf_metadata(reader: Any) -> dict[str, Any]:
     return out
 
 
-def _gguf_to_hf_name(name: str) -> str:
+def gguf_to_hf_name(name: str) -> str:
     if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
         layer, part, kind = m.groups()
         return f"model.layers.{layer}.{_GGUF_LAYER_NAMES.get(part, part)}.{kind}"
@@ -137,13 +165,10 @@ def _gguf_to_hf_name(name: str) -> str:
     return f"{_GGUF_GLOBAL_NAMES.get(base, base)}.{kind}"
 
 
-def _unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _unpermute_rows(w: Any, num_heads: int) -> Any:
     rows = w.shape[0]
-    return (
-        w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:])
-        .transpose(1, 2)
-        .reshape(w.shape)
-    )
+    order = torch.arange(rows).reshape(num_heads, rows // num_heads // 2, 2).transpose(1, 2)
+    return w.rows(order.reshape(-1)) if isinstance(w, QuantWeight) else w[order.reshape(-1)]
 
 
 def open_source(path: str | Path) -> WeightSource:
@@ -158,32 +183,101 @@ def open_source(path: str | Path) -> WeightSource:
 
 
 def shard_state_dict(
-    source: WeightSource, layer_range: tuple[int, int], first: bool, last: bool
-) -> Iterable[tuple[str, torch.Tensor]]:
-    """Yield (engine param name, tensor) for the given layers and stage ends only."""
+    source: WeightSource,
+    layer_range: tuple[int, int],
+    first: bool,
+    last: bool,
+    quantized: bool = True,
+) -> Iterable[tuple[str, torch.Tensor | QuantWeight]]:
+    """Yield (engine param name, weight) for the given layers and stage ends only.
+
+    With `quantized`, matrices come as the source stores them (a GGUF's quantised ones as
+    QuantWeight), else dequantised. A layer's bias comes before its weight, so the loader can
+    build each layer as it arrives.
+    """
     c = source.config
     names = source.names()
+    get = source.get_weight if quantized else source.get
     if first:
-        yield "embed.weight", source.get("model.embed_tokens.weight")
+        yield "embed.weight", get("model.embed_tokens.weight")
     for local, layer in enumerate(range(*layer_range)):
         hf, ours = f"model.layers.{layer}.", f"layers.{local}."
         qkv = [f"{hf}self_attn.{p}_proj" for p in "qkv"]
-        yield ours + "attention.wqkv.weight", torch.cat([source.get(n + ".weight") for n in qkv])
         if c.attention_bias:
             yield ours + "attention.wqkv.bias", torch.cat([source.get(n + ".bias") for n in qkv])
-        yield ours + "attention.wo.weight", source.get(hf + "self_attn.o_proj.weight")
+        yield ours + "attention.wqkv.weight", cat_rows([get(n + ".weight") for n in qkv])
+        yield ours + "attention.wo.weight", get(hf + "self_attn.o_proj.weight")
         if c.qk_norm:
             yield ours + "attention.q_norm.weight", source.get(hf + "self_attn.q_norm.weight")
             yield ours + "attention.k_norm.weight", source.get(hf + "self_attn.k_norm.weight")
-        gate_up = [source.get(hf + f"mlp.{p}_proj.weight") for p in ("gate", "up")]
-        yield ours + "feed_forward.w13.weight", torch.cat(gate_up)
-        yield ours + "feed_forward.w2.weight", source.get(hf + "mlp.down_proj.weight")
+        gate_up = [get(hf + f"mlp.{p}_proj.weight") for p in ("gate", "up")]
+        yield ours + "feed_forward.w13.weight", cat_rows(gate_up)
+        yield ours + "feed_forward.w2.weight", get(hf + "mlp.down_proj.weight")
         yield ours + "attention_norm.weight", source.get(hf + "input_layernorm.weight")
         yield ours + "ffn_norm.weight", source.get(hf + "post_attention_layernorm.weight")
     if last:
         yield "norm.weight", source.get("model.norm.weight")
+        if first and c.tie_word_embeddings:
+            return  # the loader ties the head to the embedding: one copy of the matrix
         head = "lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"
-        yield "lm_head.weight", source.get(head)
+        yield "lm_head.weight", get(head)
+
+
+def assign_weights(
+    model: Transformer,
+    weights: Iterable[tuple[str, torch.Tensor | QuantWeight]],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    quantize: str = "auto",
+) -> Transformer:
+    """Fill a model built on the meta device, one weight at a time: each linear becomes the
+    layer its weight calls for (engine.quant.make_linear) as soon as it arrives, so at most
+    one unpacked weight is held beside the packed model."""
+    device = torch.device(device)
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    biases: dict[str, torch.Tensor] = {}
+    for name, weight in weights:
+        path, _, kind = name.rpartition(".")
+        if path in linears and kind == "bias":
+            biases[path] = weight  # type: ignore[assignment]
+        elif path in linears:
+            _set(model, path, make_linear(weight, biases.pop(path, None), device, dtype, quantize))
+        elif path == "embed":
+            model.embed = make_embedding(weight, device, dtype, quantize)
+        else:
+            assert isinstance(weight, torch.Tensor), name
+            param = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+            _set(model, name, param)
+    if model.is_last and isinstance(model.lm_head, nn.Linear):  # tied: the embedding's bytes
+        embed = model.embed
+        model.lm_head = (
+            embed.head() if isinstance(embed, QuantEmbedding) else DenseLinear(embed.weight)
+        )
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"the weights do not fill the model: {', '.join(left[:5])} missing")
+    return model.eval()
+
+
+def make_embedding(
+    weight: torch.Tensor | QuantWeight, device: torch.device, dtype: torch.dtype, quantize: str
+) -> nn.Module:
+    """A quantised embedding (or any one with --quantize int8) stays 8-bit on the CPU."""
+    if device.type == "cpu" and quantize != "none":
+        if isinstance(weight, QuantWeight):
+            return QuantEmbedding(weight, dtype)
+        if quantize == "int8":
+            return QuantEmbedding(QuantWeight.int8(weight), dtype)
+    if isinstance(weight, QuantWeight):
+        weight = weight.dequantize()
+    if weight.dtype in (torch.float16, torch.bfloat16) and quantize == "auto":
+        return CastEmbedding(weight.to(device), dtype)  # 16-bit stays 16-bit, as the linears
+    return nn.Embedding.from_pretrained(weight.to(device=device, dtype=dtype), freeze=True)
+
+
+def _set(model: nn.Module, path: str, value: nn.Module | nn.Parameter) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, value)
 
 
 def release_freed_memory() -> None:
@@ -212,20 +306,25 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     source: WeightSource | None = None,
+    quantize: str = "auto",
 ) -> Transformer:
-    """Build the model (or the shard holding layers [start, end)) with its weights loaded."""
+    """Build the model (or the shard holding layers [start, end)) with its weights loaded.
+
+    quantize: "auto" keeps a GGUF's quantisation (and 16-bit safetensors 16-bit), "int8"
+    also quantises dense matrices at load, "none" dequantises everything to `dtype`.
+    """
     source = source or open_source(path)
     config = source.config
     layer_range = layer_range or (0, config.num_layers)
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
         model = Transformer(config, layer_range)
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in shard_state_dict(source, layer_range, model.is_first, model.is_last):
-        # Tied embeddings on one stage share one tensor rather than holding two copies.
-        if name == "lm_head.weight" and "embed.weight" in state and config.tie_word_embeddings:
-            state[name] = state["embed.weight"]
-            continue
-        state[name] = tensor.to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    quantized = keeps_quantized(device, quantize)
+    weights = shard_state_dict(source, layer_range, model.is_first, model.is_last, quantized)
+    return assign_weights(model, weights, device, dtype, quantize)
+
+
+def keeps_quantized(device: torch.device | str, quantize: str) -> bool:
+    """Whether quantised weights load as they are stored (the CPU kernels) or dequantised
+    (--quantize none, and GPUs: the CPU kernels' layouts do not carry over)."""
+    return torch.device(device).type == "cpu" and quantize != "none"

@@ -31,6 +31,7 @@ class Library:
     cards: dict[str, ModelCard]
     configured: tuple[str, Path] | None = None  # --model, with the id clients use
     device: str = "cpu"
+    quantize: str = "auto"  # how the torch engine holds weights: what they cost in memory
     offline: bool = False
     backends: tuple[str, ...] = ("gloo", "nccl")  # what this node can run (node_capabilities)
     models: dict[str, LocalModel] = field(default_factory=dict)  # held; updated in place
@@ -39,7 +40,9 @@ class Library:
 
     def scan(self) -> dict[str, LocalModel]:
         """Read every held model's metadata again (after a download, say)."""
-        return local_models(self.configured, self.device, self.store, self.cards, self.backends)
+        return local_models(
+            self.configured, self.device, self.store, self.cards, self.backends, self.quantize
+        )
 
     def refresh(self) -> None:
         self._adopt(self.scan())

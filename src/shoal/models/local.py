@@ -7,11 +7,13 @@ import json
 import logging
 import math
 import platform
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.engine.config import ModelConfig, UnsupportedModelError
+from shoal.engine.quant import held_bits, held_bytes
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 from shoal.models.cards import ModelCard, card_for
 from shoal.models.manifest import Manifest, build_manifest
@@ -42,6 +44,7 @@ def describe(
     source: Path | None = None,
     manifest: Manifest | None = None,
     backends: tuple[str, ...] = ("gloo", "nccl"),
+    quantize: str = "auto",
 ) -> LocalModel:
     """Read a model's shape from its metadata: GGUF header or config.json + safetensors headers.
     The digest of its manifest (paths and sizes) lets placement keep to nodes whose files agree.
@@ -50,12 +53,13 @@ def describe(
     gguf = path.suffix == ".gguf"
     torch_ok = gguf or not mlx_quantized(path)  # shoal's torch engine reads no MLX packing
     try:
-        config, params, data_bytes = _gguf_shape(path) if gguf else _hf_shape(path)
+        config, tensors, data_bytes = _gguf_shape(path) if gguf else _hf_shape(path)
     except UnsupportedModelError:
         if gguf or not mlx_installed():
             raise
-        config, params, data_bytes = _hf_shape(path, lenient=True)
+        config, tensors, data_bytes = _hf_shape(path, lenient=True)
         torch_ok = False
+    params = sum(math.prod(shape) for _, _, shape in tensors)
     mlx = mlx_installed() and bool(MLX_BACKENDS & set(backends))
     dtype_bytes = DTYPE_BYTES.get(device.split(":")[0], 4)
     # a GGUF is converted for mlx (engine_mlx.convert: float16 on Metal, float32 on its CPU);
@@ -68,7 +72,7 @@ def describe(
         num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
-        weight_bytes=params * dtype_bytes,
+        weight_bytes=torch_weight_bytes(tensors, config, device, quantize, dtype_bytes),
         dtype_bytes=dtype_bytes,
         context_length=config.max_position_embeddings,
         arch=config.arch,
@@ -78,6 +82,45 @@ def describe(
         files_digest=(manifest or build_manifest(model_id, source or path)).digest,
     )
     return LocalModel(model_id, path, held, source)
+
+
+Tensor = tuple[str, str, tuple[int, ...]]  # HF name, stored type (GGUF type or dtype), shape
+_FUSED = re.compile(r"(.*\.)(?:self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.weight")
+
+
+def torch_weight_bytes(
+    tensors: list[Tensor], config: ModelConfig, device: str, quantize: str, dtype_bytes: int
+) -> int:
+    """What the torch engine's weights take resident once loaded (engine.quant.held_bits):
+    4-bit GGUF blocks 4-bit, other quantized types and --quantize int8 8-bit, 16-bit
+    safetensors 16-bit on the CPU; the compute dtype elsewhere. A tied head is the
+    embedding's bytes, counted once; a fused q|k|v or gate|up whose parts differ in bits is
+    held as int8, as the loader does."""
+    device = device.split(":")[0]
+    bits: dict[str, int | None] = {}
+    fused: dict[str, set[int | None]] = {}
+    for name, kind, shape in tensors:
+        if len(shape) < 2:
+            continue
+        rows = math.prod(shape[:-1])
+        b = held_bits(kind, rows, device, quantize)
+        if name == "model.embed_tokens.weight" and b == 4:
+            b = 8  # embeddings are looked up by row: kept 8-bit
+        bits[name] = b
+        if m := _FUSED.fullmatch(name):
+            fused.setdefault(m.group(1), set()).add(b)
+    total = 0
+    for name, _, shape in tensors:
+        if len(shape) < 2:
+            total += math.prod(shape) * dtype_bytes
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # the loader ties it to the embedding
+        b = bits[name]
+        if (m := _FUSED.fullmatch(name)) and len(fused[m.group(1)]) > 1 and 4 in fused[m.group(1)]:
+            b = 8
+        total += held_bytes(b, math.prod(shape[:-1]), shape[-1], dtype_bytes)
+    return total
 
 
 def mlx_quantized(path: Path) -> bool:
@@ -107,6 +150,7 @@ def local_models(
     store: ModelStore | None = None,
     cards: dict[str, ModelCard] | None = None,
     backends: tuple[str, ...] = ("gloo", "nccl"),
+    quantize: str = "auto",
 ) -> dict[str, LocalModel]:
     """The configured --model (if any), every complete model in the store, and the bundled
     model when it is installed. A store dir that is partial or unreadable is left out with a
@@ -118,7 +162,9 @@ def local_models(
 
     if configured is not None:
         model_id, path = configured
-        found[model_id] = describe(model_id, path, device, backends=allowed(model_id))
+        found[model_id] = describe(
+            model_id, path, device, backends=allowed(model_id), quantize=quantize
+        )
     for stored in store.models() if store is not None else ():
         if stored.model_id in found:
             continue
@@ -135,7 +181,13 @@ def local_models(
         try:
             path = load_path(stored.path, card.file)
             found[stored.model_id] = describe(
-                stored.model_id, path, device, stored.path, manifest, allowed(stored.model_id)
+                stored.model_id,
+                path,
+                device,
+                stored.path,
+                manifest,
+                allowed(stored.model_id),
+                quantize,
             )
         except Exception as exc:  # one bad dir must not stop the node
             log.warning("not serving %s from %s: %s", stored.model_id, stored.path, exc)
@@ -145,40 +197,50 @@ def local_models(
         return found
     if BUNDLED_MODEL_ID not in found:
         found[BUNDLED_MODEL_ID] = describe(
-            BUNDLED_MODEL_ID, bundled, device, backends=allowed(BUNDLED_MODEL_ID)
+            BUNDLED_MODEL_ID,
+            bundled,
+            device,
+            backends=allowed(BUNDLED_MODEL_ID),
+            quantize=quantize,
         )
     return found
 
 
-def _gguf_shape(path: Path) -> tuple[ModelConfig, int, int]:
+def _gguf_shape(path: Path) -> tuple[ModelConfig, list[Tensor], int]:
     import gguf
 
-    from shoal.engine.weights import read_gguf_metadata
+    from shoal.engine.weights import gguf_to_hf_name, read_gguf_metadata
 
     reader = gguf.GGUFReader(path)
     names = {t.name for t in reader.tensors}
     config = ModelConfig.from_gguf_fields(
         read_gguf_metadata(reader), has_output_weight="output.weight" in names
     )
-    return config, sum(int(t.n_elements) for t in reader.tensors), path.stat().st_size
+    tensors = [
+        (gguf_to_hf_name(t.name), t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)))
+        for t in reader.tensors
+    ]
+    return config, tensors, path.stat().st_size
 
 
-def _hf_shape(path: Path, lenient: bool = False) -> tuple[ModelConfig, int, int]:
-    """(config, parameters, bytes of tensor data) from config.json and the safetensors
-    headers. A quantized tensor's bytes are what it takes loaded on mlx; its element count is
-    of its packed words. lenient: any architecture (mlx-lm's business), for the MLX engine."""
+def _hf_shape(path: Path, lenient: bool = False) -> tuple[ModelConfig, list[Tensor], int]:
+    """(config, tensors, bytes of tensor data) from config.json and the safetensors headers.
+    A quantized tensor's bytes are what it takes loaded on mlx; its element count is of its
+    packed words. lenient: any architecture (mlx-lm's business), for the MLX engine."""
     if lenient:
         from shoal.engine_mlx.load import check_dir, serving_config
 
         config = serving_config(check_dir(path))
     else:
         config = ModelConfig.from_hf_dir(path)
-    params = data_bytes = 0
+    tensors: list[Tensor] = []
+    data_bytes = 0
     for file in sorted(path.glob("*.safetensors")):
         with file.open("rb") as f:  # the header alone: 8-byte length, then JSON
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-        tensors = [v for k, v in header.items() if k != "__metadata__"]
-        params += sum(math.prod(v["shape"]) for v in tensors)
-        data_bytes += sum(v["data_offsets"][1] - v["data_offsets"][0] for v in tensors)
-    return config, params, data_bytes
+        for name, v in header.items():
+            if name != "__metadata__":
+                tensors.append((name, str(v["dtype"]), tuple(v["shape"])))
+                data_bytes += v["data_offsets"][1] - v["data_offsets"][0]
+    return config, tensors, data_bytes

@@ -69,9 +69,16 @@ def load_rank_model(spec: RunnerSpec, source: WeightSource) -> Transformer:
     check_spec(spec, source.config)
     if spec.sharding == "tensor":
         return load_tensor_shard(
-            spec.model_path, spec.rank, spec.world_size, spec.device, source=source
+            spec.model_path,
+            spec.rank,
+            spec.world_size,
+            spec.device,
+            source=source,
+            quantize=spec.quantize,
         )
-    return load_model(spec.model_path, tuple(spec.layer_range), spec.device, source=source)
+    return load_model(
+        spec.model_path, tuple(spec.layer_range), spec.device, source=source, quantize=spec.quantize
+    )
 
 
 def build_executor(

@@ -38,6 +38,7 @@ class RunnerSpec(BaseModel):
     rank_hosts: tuple[str, ...] = ()  # mlx ring: where each rank listens (placement's choice)
     rdma_devices: tuple[tuple[str | None, ...], ...] = ()  # jaccl: [i][j] rank i's device to j
     device: str = "cpu"
+    quantize: Literal["auto", "int8", "none"] = "auto"  # torch: how weights are held (quant)
     max_batch: int = 4
     max_seq_len: int | None = None
     serve_host: str = "127.0.0.1"  # rank 0: where its OpenAI endpoint listens
