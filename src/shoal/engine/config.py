@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+# GGUF's architecture names where they differ; a "llama" GGUF with experts is Mixtral.
+_GGUF_ARCHS = {"qwen3moe": "qwen3_moe"}
 
 
 class UnsupportedModelError(ValueError):
@@ -37,6 +39,26 @@ class ModelConfig:
     qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (qwen3_moe, mixtral): 0 experts is a dense model. Each token goes to
+    # the top `experts_per_token` experts by softmax of the router's logits, weighted by those
+    # probabilities (renormalised over the chosen ones with norm_topk_prob).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    sparse_step: int = 1  # qwen3_moe decoder_sparse_step: every n-th layer is sparse
+    dense_layers: tuple[int, ...] = ()  # qwen3_moe mlp_only_layers
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            self.num_experts > 0
+            and layer not in self.dense_layers
+            and (layer + 1) % self.sparse_step == 0
+        )
+
+    @property
+    def has_dense_layers(self) -> bool:
+        return not all(self.is_moe_layer(i) for i in range(self.num_layers))
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -53,6 +75,7 @@ class ModelConfig:
         scaling = d.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        experts = int(d.get("num_experts") or d.get("num_local_experts") or 0)
         return cls(
             arch=arch,
             vocab_size=int(d["vocab_size"]),
@@ -68,9 +91,19 @@ class ModelConfig:
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", arch == "qwen2")),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            num_experts=experts,
+            experts_per_token=int(d.get("num_experts_per_tok") or 0) if experts else 0,
+            # Mixtral's experts are as wide as its intermediate_size
+            expert_intermediate_size=int(
+                d.get("moe_intermediate_size") or d["intermediate_size"] if experts else 0
+            ),
+            # Mixtral always renormalises its top-k; qwen3_moe says so in its config
+            norm_topk_prob=bool(d.get("norm_topk_prob", False)) if arch == "qwen3_moe" else True,
+            sparse_step=int(d.get("decoder_sparse_step") or 1),
+            dense_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()),
         )
 
     @classmethod
@@ -80,15 +113,18 @@ class ModelConfig:
     @classmethod
     def from_gguf_fields(cls, meta: dict[str, Any], has_output_weight: bool) -> ModelConfig:
         """`meta` maps GGUF keys to plain values (see weights.read_gguf_metadata)."""
-        arch = str(meta["general.architecture"])
+        gguf_arch = str(meta["general.architecture"])
+        arch = _GGUF_ARCHS.get(gguf_arch, gguf_arch)
+        if arch == "llama" and meta.get("llama.expert_count"):
+            arch = "mixtral"
         if arch not in SUPPORTED_ARCHS:
             raise UnsupportedModelError(
-                f"GGUF architecture {arch!r} is not supported "
+                f"GGUF architecture {gguf_arch!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHS)})"
             )
 
         def get(key: str, default: Any = None) -> Any:
-            return meta.get(f"{arch}.{key}", default)
+            return meta.get(f"{gguf_arch}.{key}", default)
 
         hidden = int(get("embedding_length"))
         num_heads = int(get("attention.head_count"))
@@ -102,11 +138,12 @@ class ModelConfig:
                 "original_max_position_embeddings": get("rope.scaling.original_context_length"),
             }
         eos = meta.get("tokenizer.ggml.eos_token_id")
+        experts = int(get("expert_count") or 0)
         return cls(
             arch=arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
+            intermediate_size=int(get("feed_forward_length") or get("expert_feed_forward_length")),
             num_layers=int(get("block_count")),
             num_heads=num_heads,
             num_kv_heads=int(get("attention.head_count_kv") or num_heads),
@@ -117,9 +154,16 @@ class ModelConfig:
             max_position_embeddings=int(get("context_length", 4096)),
             tie_word_embeddings=not has_output_weight,
             attention_bias=arch == "qwen2",
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (int(eos),),
+            num_experts=experts,
+            experts_per_token=int(get("expert_used_count") or 0) if experts else 0,
+            expert_intermediate_size=int(
+                get("expert_feed_forward_length") or get("feed_forward_length") if experts else 0
+            ),
+            # llama.cpp renormalises the chosen experts' weights for both families
+            norm_topk_prob=bool(get("expert_weights_norm", True)),
         )
 
 

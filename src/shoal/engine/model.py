@@ -1,4 +1,5 @@
-"""A plain decoder-only transformer for the Llama family (llama, mistral, qwen2, qwen3).
+"""A plain decoder-only transformer for the Llama family (llama, mistral, qwen2, qwen3) and its
+mixture-of-experts kin (qwen3_moe, mixtral).
 
 The model knows nothing about ranks: it holds a contiguous range of layers, plus the embedding
 when it is the first stage and the final norm and LM head when it is the last. Pipeline and
@@ -77,24 +78,67 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: gate and up projections fused into w13."""
 
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.w13 = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)  # gate | up
-        self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.w13 = nn.Linear(hidden, 2 * intermediate, bias=False)  # gate | up
+        self.w2 = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
-class Block(nn.Module):
+class MoE(nn.Module):
+    """Routed SwiGLU experts (qwen3_moe, mixtral): each token runs its top-k experts, their
+    outputs weighted by the router's softmax (renormalised over the chosen with norm_topk_prob).
+
+    A rank may hold a contiguous share of the experts (tensor parallel, `keep`): it adds only
+    its experts' part, and Block.reduce sums the ranks' parts as it does for dense layers.
+    """
+
     def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.router = nn.Linear(c.hidden_size, c.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            FeedForward(c.hidden_size, c.expert_intermediate_size) for _ in range(c.num_experts)
+        )
+        self.top_k, self.normalize = c.experts_per_token, c.norm_topk_prob
+        self.first = 0  # the index of experts[0] among all the model's experts
+
+    def keep(self, rank: int, world: int) -> None:
+        """Hold only rank `rank`'s contiguous share of the experts."""
+        share = len(self.experts) // world
+        self.first = rank * share
+        self.experts = self.experts[self.first : self.first + share]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(self.router(flat).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(flat)
+        # One matmul per expert over the tokens routed to it (a decode step: k experts per row).
+        for expert in chosen.unique().tolist():
+            local = expert - self.first
+            if not 0 <= local < len(self.experts):
+                continue  # another rank's expert
+            rows, slot = (chosen == expert).nonzero(as_tuple=True)
+            out.index_add_(0, rows, self.experts[local](flat[rows]) * weights[rows, slot, None])
+        return out.view_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.attention_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.attention = Attention(c)
         self.ffn_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-        self.feed_forward = FeedForward(c)
+        self.feed_forward: nn.Module = (
+            MoE(c) if c.is_moe_layer(layer) else FeedForward(c.hidden_size, c.intermediate_size)
+        )
         # Tensor parallel (engine/sharding.py) sets this to an in-place all-reduce over the
         # ranks; it sums the partial outputs of wo and w2 before each residual add.
         self.reduce: Callable[[torch.Tensor], object] | None = None
@@ -150,7 +194,7 @@ class Transformer(nn.Module):
         self.is_first, self.is_last = start == 0, end == config.num_layers
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size) if self.is_first else None
-        self.layers = nn.ModuleList(Block(c) for _ in range(start, end))
+        self.layers = nn.ModuleList(Block(c, layer) for layer in range(start, end))
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps) if self.is_last else None
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False) if self.is_last else None
         self.cache: KVCache | None = None

@@ -8,7 +8,9 @@ forward width. wqkv and w13 are split by rows (column-parallel: each rank comput
 heads and its own slice of the SwiGLU), wo and w2 by columns (row-parallel: each rank's output
 is a partial sum), and `Block.reduce` all-reduces those partial sums before the residual adds.
 The embedding, the norms and the LM head are replicated; only rank 0 keeps the head, since
-only rank 0 samples.
+only rank 0 samples. A mixture-of-experts layer is split by experts instead: each rank holds
+whole experts, a contiguous share, and a replicated router; every rank routes every token the
+same way and adds only its own experts' outputs, and the same all-reduce sums them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from shoal.engine.config import ModelConfig
-from shoal.engine.model import Transformer
+from shoal.engine.model import MoE, Transformer
 from shoal.engine.quant import QuantWeight, cat_rows
 from shoal.engine.weights import (
     WeightSource,
@@ -59,14 +61,17 @@ def tensor_parallel_config(config: ModelConfig, world_size: int) -> ModelConfig:
     splits = {
         "attention heads": config.num_heads,
         "KV heads": config.num_kv_heads,
-        "feed-forward (intermediate) size": config.intermediate_size,
     }
+    if config.has_dense_layers:
+        splits["feed-forward (intermediate) size"] = config.intermediate_size
+    if config.num_experts:  # each rank holds whole experts, a share of them
+        splits["experts"] = config.num_experts
     bad = [f"{name} {n}" for name, n in splits.items() if n % world_size]
     if bad:
         raise ShardingError(
-            f"tensor parallelism over {world_size} ranks needs the attention heads, KV heads "
-            f"and feed-forward size to divide by {world_size}; this {config.arch} model has "
-            f"{', '.join(bad)} (try another rank count, or a pipeline)"
+            f"tensor parallelism over {world_size} ranks needs the {', '.join(splits)} to "
+            f"divide by {world_size}; this {config.arch} model has {', '.join(bad)} (try "
+            "another rank count, or a pipeline)"
         )
     return dataclasses.replace(
         config,
@@ -119,8 +124,15 @@ def load_tensor_shard(
     if not keep_head:
         model.norm = model.lm_head = None
         model.is_last = False  # forward returns the hidden states, which nobody reads
+    experts = None
+    if full.num_experts:  # whole experts, a contiguous share of them per rank
+        share = full.num_experts // world_size
+        experts = range(rank * share, (rank + 1) * share)
+        for block in model.layers:
+            if isinstance(block.feed_forward, MoE):
+                block.feed_forward.keep(rank, world_size)
     quantized = keeps_quantized(device, quantize)
-    weights = shard_state_dict(source, (0, full.num_layers), True, keep_head, quantized)
+    weights = shard_state_dict(source, (0, full.num_layers), True, keep_head, quantized, experts)
     parts = ((n, tensor_slice(n, t, full, rank, world_size)) for n, t in weights)
     return assign_weights(model, parts, device, dtype, quantize)
 

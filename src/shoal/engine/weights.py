@@ -7,6 +7,7 @@ maps them onto the engine's fused layout for the layers [start, end) it was aske
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import json
 import re
@@ -41,7 +42,30 @@ _GGUF_LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "mlp.gate",  # the experts' router
+    # every expert stacked in one 3-D tensor: GGUFSource serves them one by one
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
+# Mixtral's HF names for what qwen3_moe (and the engine) call the router and experts' parts.
+_MIXTRAL_NAMES = {
+    "block_sparse_moe.gate.": "mlp.gate.",
+    "block_sparse_moe.experts.": "mlp.experts.",
+    ".w1.weight": ".gate_proj.weight",
+    ".w3.weight": ".up_proj.weight",
+    ".w2.weight": ".down_proj.weight",
+}
+
+
+def _hf_moe_name(name: str) -> str:
+    if "block_sparse_moe." not in name:
+        return name
+    for old, new in _MIXTRAL_NAMES.items():
+        name = name.replace(old, new)
+    return name
+
+
 _GGUF_GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -81,17 +105,19 @@ class SafetensorsSource:
                 with safe_open(f, "pt") as h:
                     weight_map.update(dict.fromkeys(h.keys(), f.name))
         self._weight_map = weight_map
+        self._stored = {_hf_moe_name(n): n for n in weight_map}  # one naming for experts
         self._handles: dict[str, Any] = {}
         self._open = safe_open
 
     def names(self) -> set[str]:
-        return set(self._weight_map)
+        return set(self._stored)
 
     def get(self, name: str) -> torch.Tensor:
-        file = self._weight_map[name]
+        stored = self._stored[name]
+        file = self._weight_map[stored]
         if file not in self._handles:
             self._handles[file] = self._open(self.path / file, "pt")
-        return self._handles[file].get_tensor(name)
+        return self._handles[file].get_tensor(stored)
 
     get_weight = get
 
@@ -107,35 +133,59 @@ class GGUFSource:
         self._gguf = gguf
         self.reader = gguf.GGUFReader(self.path)
         self.metadata = read_gguf_metadata(self.reader)
-        self._tensors = {gguf_to_hf_name(t.name): t for t in self.reader.tensors}
-        self.config = ModelConfig.from_gguf_fields(
+        # (tensor, expert): a 3-D stack of experts is served as one matrix per expert, under
+        # the per-expert HF name (model.layers.3.mlp.experts.5.up_proj.weight)
+        self._tensors: dict[str, tuple[Any, int | None]] = {}
+        for t in self.reader.tensors:
+            name = gguf_to_hf_name(t.name)
+            if len(t.shape) == 3 and ".mlp.experts." in name:
+                head, part, _ = name.rsplit(".", 2)  # model.layers.3.mlp.experts, up_proj
+                for e in range(int(t.shape[2])):
+                    self._tensors[f"{head}.{e}.{part}.weight"] = (t, e)
+            else:
+                self._tensors[name] = (t, None)
+        config = ModelConfig.from_gguf_fields(
             self.metadata, has_output_weight="lm_head.weight" in self._tensors
         )
+        if config.num_experts:  # GGUF has no mlp_only_layers: a layer without a router is dense
+            dense = (
+                i
+                for i in range(config.num_layers)
+                if f"model.layers.{i}.mlp.gate.weight" not in self._tensors
+            )
+            config = dataclasses.replace(config, dense_layers=tuple(dense))
+        self.config = config
 
     def names(self) -> set[str]:
         return set(self._tensors)
 
+    def _data(self, name: str) -> tuple[Any, Any, list[int]]:
+        """(tensor, its bytes or values, its HF shape) of one name (one expert of a stack)."""
+        t, expert = self._tensors[name]
+        shape = [int(d) for d in reversed(t.shape)]
+        if expert is None:
+            return t, t.data, shape
+        return t, t.data[expert], shape[1:]
+
     def get(self, name: str) -> torch.Tensor:
-        t = self._tensors[name]
-        array = self._gguf.quants.dequantize(t.data, t.tensor_type)
+        t, data, shape = self._data(name)
+        array = self._gguf.quants.dequantize(data, t.tensor_type)
         if not array.flags.writeable:  # unquantised tensors are views into the read-only mmap
             array = array.copy()
-        tensor = torch.from_numpy(array.reshape([int(d) for d in reversed(t.shape)]))
-        return self._hf_rows(name, tensor)
+        return self._hf_rows(name, torch.from_numpy(array.reshape(shape)))
 
     def get_weight(self, name: str) -> torch.Tensor | QuantWeight:
-        t = self._tensors[name]
+        t, data, shape = self._data(name)
         kind = t.tensor_type.name
-        if kind in ("F32", "F16", "BF16") or len(t.shape) != 2:
+        if kind in ("F32", "F16", "BF16") or len(shape) != 2:
             return self.get(name)
-        rows, cols = int(t.shape[1]), int(t.shape[0])
-        return self._hf_rows(name, from_gguf(kind, t.data, (rows, cols)))
+        return self._hf_rows(name, from_gguf(kind, data, (shape[0], shape[1])))
 
     def _hf_rows(self, name: str, w: Any) -> Any:
         # llama.cpp interleaves Q/K rows for its RoPE kernel on llama-style models; undo it so
         # the weights match HF's half-split rotary layout.
         c = self.config
-        if c.arch in ("llama", "mistral"):
+        if c.arch in ("llama", "mistral", "mixtral"):
             if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
                 return _unpermute_rows(w, c.num_heads)
             if name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
@@ -188,12 +238,14 @@ def shard_state_dict(
     first: bool,
     last: bool,
     quantized: bool = True,
+    experts: range | None = None,
 ) -> Iterable[tuple[str, torch.Tensor | QuantWeight]]:
     """Yield (engine param name, weight) for the given layers and stage ends only.
 
     With `quantized`, matrices come as the source stores them (a GGUF's quantised ones as
     QuantWeight), else dequantised. A layer's bias comes before its weight, so the loader can
-    build each layer as it arrives.
+    build each layer as it arrives. `experts`: the experts a tensor-parallel rank holds
+    (default: all), by their index in the whole model.
     """
     c = source.config
     names = source.names()
@@ -210,9 +262,17 @@ def shard_state_dict(
         if c.qk_norm:
             yield ours + "attention.q_norm.weight", source.get(hf + "self_attn.q_norm.weight")
             yield ours + "attention.k_norm.weight", source.get(hf + "self_attn.k_norm.weight")
-        gate_up = [get(hf + f"mlp.{p}_proj.weight") for p in ("gate", "up")]
-        yield ours + "feed_forward.w13.weight", cat_rows(gate_up)
-        yield ours + "feed_forward.w2.weight", get(hf + "mlp.down_proj.weight")
+        if c.is_moe_layer(layer):
+            yield ours + "feed_forward.router.weight", get(hf + "mlp.gate.weight")
+            for i, e in enumerate(experts or range(c.num_experts)):  # i: its index on this rank
+                mlp, ff = f"{hf}mlp.experts.{e}.", f"{ours}feed_forward.experts.{i}."
+                gate_up = [get(f"{mlp}{p}_proj.weight") for p in ("gate", "up")]
+                yield ff + "w13.weight", cat_rows(gate_up)
+                yield ff + "w2.weight", get(mlp + "down_proj.weight")
+        else:
+            gate_up = [get(hf + f"mlp.{p}_proj.weight") for p in ("gate", "up")]
+            yield ours + "feed_forward.w13.weight", cat_rows(gate_up)
+            yield ours + "feed_forward.w2.weight", get(hf + "mlp.down_proj.weight")
         yield ours + "attention_norm.weight", source.get(hf + "input_layernorm.weight")
         yield ours + "ffn_norm.weight", source.get(hf + "post_attention_layernorm.weight")
     if last:
