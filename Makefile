@@ -33,6 +33,7 @@ test: $(VENV)/.test-deps
 
 bench: $(VENV)/.test-deps
 	$(BIN)/python bench/decode_vs_transformers.py
+	$(BIN)/python bench/quantized_serving.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/serving_path.py
 	$(BIN)/python bench/mlx_engine.py

@@ -31,19 +31,30 @@ from startup import PeakRss, first_answer, free_port, stop, wait_healthy  # noqa
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serving_path.json"
 ROOT_SRC = Path(__file__).resolve().parents[1] / "src"
+STREAM_PROMPT = "Tell me a long story about the sea."
 
 
-def stream_once(url: str, model: str, tokens: int) -> dict[str, float]:
-    body = {
+def stream_once(
+    url: str, model: str, tokens: int, prompt: str = STREAM_PROMPT, usage: bool = False
+) -> dict[str, float]:
+    """One streamed chat completion of `tokens` new tokens (EOS ignored), greedy.
+
+    Returns TTFT, decode tok/s (content chunks after the first over their time), the chunk
+    count and the monotonic clock at the request, the first and the last chunk; with `usage`,
+    also the token counts the node reports (stream_options.include_usage)."""
+    body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
     }
+    if usage:
+        body["stream_options"] = {"include_usage": True}
     started = time.monotonic()
     stamps: list[float] = []
+    counts: dict[str, float] = {}
     with httpx.Client(timeout=300.0) as client:
         with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             response.raise_for_status()
@@ -53,12 +64,21 @@ def stream_once(url: str, model: str, tokens: int) -> dict[str, float]:
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.monotonic())
+                if chunk.get("usage"):
+                    counts = {
+                        "prompt_tokens": chunk["usage"]["prompt_tokens"],
+                        "completion_tokens": chunk["usage"]["completion_tokens"],
+                    }
     if len(stamps) < 2:
         raise RuntimeError(f"the stream gave {len(stamps)} content chunks")
     return {
         "ttft_s": stamps[0] - started,
         "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
         "chunks": len(stamps),
+        "started": started,
+        "first": stamps[0],
+        "last": stamps[-1],
+        **counts,
     }
 
 

@@ -130,20 +130,19 @@ def stop(proc: subprocess.Popen[bytes]) -> tuple[int | None, float]:
     return proc.returncode, time.monotonic() - started
 
 
+def node_command(port: int, *extra: str) -> list[str]:
+    """`shoal run` on 127.0.0.1:port with discovery off: nothing leaves loopback."""
+    return [
+        *shoal_command(),
+        *("run", "--api-port", str(port), "--host", "127.0.0.1"),
+        *("--discovery-interfaces", "none", *extra),
+    ]
+
+
 def one_run(timeout: float, extra: list[str]) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [
-        *shoal_command(),
-        "run",
-        "--api-port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--discovery-interfaces",
-        "none",
-        *extra,
-    ]
+    command = node_command(port, *extra)
     with tempfile.TemporaryFile() as log:
         started = time.monotonic()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -336,7 +336,8 @@ def test_an_mlx_layout_that_cannot_run_is_refused_before_any_weights_are_read(sm
 @pytest.mark.parametrize(
     ("arch", "bits", "backends", "layouts"),
     [
-        ("qwen3_moe", 4, ("ring",), ("pipeline", "tensor")),  # an architecture only mlx-lm knows
+        ("qwen3_moe", 4, ("ring",), ("pipeline", "tensor")),  # mlx packing: mlx-lm only
+        ("qwen3_moe", None, ("gloo", "ring"), ("pipeline", "tensor")),  # MoE: both engines
         ("llama", 4, ("ring",), ("pipeline", "tensor")),  # packed by mlx-lm's quantizer
         ("llama", None, ("gloo", "ring"), ("pipeline", "tensor")),  # plain: both engines
     ],

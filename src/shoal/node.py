@@ -19,7 +19,6 @@ from pathlib import Path
 from types import FrameType
 
 import psutil
-import torch
 import uvicorn
 
 from shoal import __version__
@@ -38,13 +37,13 @@ from shoal.cluster.service import ClusterService, ClusterSettings
 from shoal.cluster.view import Timing
 from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError
 from shoal.control import Controller
-from shoal.engine.serving import pick_device
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 from shoal.models.cards import CardError, cards_digest, load_cards
 from shoal.models.library import Library
 from shoal.models.local import mlx_installed
 from shoal.models.store import ModelStore, parse_dirs
 from shoal.placement.plan import solo_instance
+from shoal.runner.accelerators import has, pick_device
 from shoal.runner.spec import node_capabilities, pick_engine
 from shoal.schema.report import (
     MLX_BACKENDS,
@@ -99,11 +98,9 @@ def _pick_engine(setting: str) -> str:
 
 def _capabilities() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(engines, backends) this node can run, reported to its peers for placement."""
-    mps = getattr(torch.backends, "mps", None)
     return node_capabilities(
-        platform.system(), platform.machine(), torch.cuda.is_available(),
-        bool(mps and mps.is_available()), mlx_installed(),
-    )  # fmt: skip
+        platform.system(), platform.machine(), has("cuda"), has("mps"), mlx_installed()
+    )
 
 
 def _default_model_id(path: Path) -> str:
@@ -243,7 +240,7 @@ class Node:
 
     def start_runners(self) -> None:
         """Start the solo runners now: they load while the API and the cluster come up."""
-        if self.solo and self.device == "cuda" and not torch.cuda.is_available():
+        if self.solo and self.device == "cuda" and not has("cuda"):
             raise StartupError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
         self.worker.reconcile(ClusterPlan())
 

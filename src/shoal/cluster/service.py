@@ -32,6 +32,7 @@ from shoal.cluster.machine import local_device_label
 from shoal.cluster.peers import PeerClient, PeerUnknown
 from shoal.cluster.thunderbolt import local_thunderbolt_links
 from shoal.cluster.view import ClusterView, PeerStatus, Timing, membership_changes
+from shoal.runner.accelerators import torch_gpus
 from shoal.schema.address import base_url, join_host_port, split_host_port
 from shoal.schema.reasons import PathRef, reason
 from shoal.schema.report import (
@@ -133,7 +134,7 @@ class ClusterService:
         """Start probing, announcing and polling; `member` (the plan controller) adds its
         fields to every report and runs once per poll tick."""
         self._member = member
-        self._gpus = _gpus()
+        self._gpus = torch_gpus()
         self._device = await asyncio.to_thread(local_device_label)
         await self._read_local_hardware()
         self._refresh_report()
@@ -412,22 +413,6 @@ def _resources(gpus: tuple[GpuInfo, ...], device: str) -> Resources:
         gpus=gpus,
         device=device,
     )
-
-
-def _gpus() -> tuple[GpuInfo, ...]:
-    import torch  # the node already imported it for the engine
-
-    gpus = [
-        GpuInfo(
-            name=torch.cuda.get_device_name(i),
-            backend="cuda",
-            memory_total=torch.cuda.get_device_properties(i).total_memory,
-        )
-        for i in range(torch.cuda.device_count())
-    ]
-    if torch.backends.mps.is_available():
-        gpus.append(GpuInfo(name="Apple GPU", backend="mps"))
-    return tuple(gpus)
 
 
 def _offline() -> bool:

@@ -6,9 +6,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 # GGUF's architecture names where they differ; a "llama" GGUF with experts is Mixtral.
@@ -180,6 +181,8 @@ def _normalise_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def rope_tables(config: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape [max_positions, head_dim] in the HF half-split layout."""
+    import torch  # here, not at the top: the node reads configs without loading torch
+
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     attention_factor = 1.0
@@ -198,6 +201,8 @@ def rope_tables(config: ModelConfig, max_positions: int) -> tuple[torch.Tensor, 
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    import torch
+
     factor = float(s["factor"])
     low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
     old_context = float(s.get("original_max_position_embeddings", 8192))
@@ -211,6 +216,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 def _yarn_inv_freq(config: ModelConfig, s: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    import torch
+
     dim, base = config.head_dim, config.rope_theta
     original = float(s.get("original_max_position_embeddings") or config.max_position_embeddings)
     factor = float(s.get("factor") or config.max_position_embeddings / original)

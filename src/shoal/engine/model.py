@@ -193,7 +193,11 @@ class Transformer(nn.Module):
         self.layer_range = (start, end)
         self.is_first, self.is_last = start == 0, end == config.num_layers
         c = config
-        self.embed = nn.Embedding(c.vocab_size, c.hidden_size) if self.is_first else None
+        # _weight: no random init; on the meta device, init would import torch._dynamo (~80 MB)
+        table = torch.empty(c.vocab_size, c.hidden_size)
+        self.embed = (
+            nn.Embedding(c.vocab_size, c.hidden_size, _weight=table) if self.is_first else None
+        )
         self.layers = nn.ModuleList(Block(c, layer) for layer in range(start, end))
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps) if self.is_last else None
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False) if self.is_last else None

@@ -14,6 +14,7 @@ residual stream stay in the model's dtype.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUP = 32  # GGUF's 4-bit block, and the int4 group size we pack with
-INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
-INT8_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
-QUANTIZE_MODES = ("auto", "int8", "none")
+from shoal.engine.footprint import GROUP, INT4_TYPES
+
+_INT8_CHUNK = 4096  # rows converted at a time: bounds the float32 copies a conversion makes
 
 
 class QuantizationError(ValueError):
@@ -102,12 +102,22 @@ class QuantWeight:
         return (self.q.float() - 8) * scale + zero
 
     @classmethod
-    def int8(cls, w: torch.Tensor) -> QuantWeight:
-        """Symmetric int8 with one scale per row, from any float matrix."""
-        w = w.float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(8, q, scale)
+    def int8(
+        cls, w: torch.Tensor | Callable[[int, int], torch.Tensor], rows: int = 0
+    ) -> QuantWeight:
+        """Symmetric int8 with one scale per row, from a float matrix, or from a function
+        (start, stop) -> those rows as float: a big matrix (a 150k-token embedding) is then
+        converted a slice at a time instead of being held whole in float32."""
+        if isinstance(w, torch.Tensor):
+            matrix, rows = w, w.shape[0]
+            w = lambda a, b: matrix[a:b]  # noqa: E731
+        qs, scales = [], []
+        for start in range(0, rows, _INT8_CHUNK):
+            part = w(start, min(rows, start + _INT8_CHUNK)).float()
+            scale = (part.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+            qs.append(torch.round(part / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            scales.append(scale)
+        return cls(8, torch.cat(qs), torch.cat(scales))
 
 
 def cat_rows(parts: list[Any]) -> Any:
@@ -176,8 +186,13 @@ def from_gguf(qtype: str, raw: np.ndarray, shape: tuple[int, int]) -> QuantWeigh
             torch.from_numpy(scale.reshape(rows, groups)),
             torch.from_numpy(zero.reshape(rows, groups)),
         )
-    dense = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
-    return QuantWeight.int8(torch.from_numpy(np.asarray(dense).reshape(rows, cols)))
+    kind = gguf.GGMLQuantizationType[qtype]
+    raw = raw.reshape(rows, -1)
+
+    def dequantized(start: int, stop: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(gguf.quants.dequantize(raw[start:stop], kind)))
+
+    return QuantWeight.int8(dequantized, rows)
 
 
 # --- layers --------------------------------------------------------------------------------
@@ -278,30 +293,6 @@ def make_linear(
     if weight.bits == 4 and not int4_packable(weight):
         weight = QuantWeight.int8(weight.dequantize())
     return Int4Linear(weight, bias) if weight.bits == 4 else Int8Linear(weight, bias)
-
-
-def held_bits(kind: str, rows: int, device: str, quantize: str) -> int | None:
-    """How the loader will hold a matrix stored as `kind` (a GGUF type, or a safetensors dtype:
-    F32, F16, BF16): 4 or 8 (quantized), 16 (kept 16-bit), or None for the compute dtype.
-    The pure twin of make_linear, for what a model costs before it is loaded."""
-    if device.split(":")[0] != "cpu" or quantize == "none":
-        return None
-    if kind in INT4_TYPES:
-        return 4 if rows % 16 == 0 else 8
-    if kind not in ("F32", "F16", "BF16"):
-        return 8
-    if quantize == "int8":
-        return 8
-    return 16 if kind in ("F16", "BF16") else None
-
-
-def held_bytes(bits: int | None, rows: int, cols: int, compute_bytes: int) -> int:
-    """Resident bytes of a [rows, cols] matrix held as `bits` (see held_bits, QuantWeight)."""
-    if bits == 4:
-        return rows * cols // 2 + rows * (cols // GROUP) * 4
-    if bits == 8:
-        return rows * cols + rows * 2
-    return rows * cols * (2 if bits == 16 else compute_bytes)
 
 
 class CastEmbedding(nn.Module):

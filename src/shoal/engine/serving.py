@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from shoal.engine.generator import Event, Generator
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.tokenizer import Tokenizer
@@ -99,9 +97,3 @@ class ServedModel:
 
     def close(self) -> None:
         self.generator.stop()
-
-
-def pick_device(requested: str = "auto") -> str:
-    if requested != "auto":
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"

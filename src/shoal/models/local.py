@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -9,11 +10,13 @@ import math
 import platform
 import re
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.engine.config import ModelConfig, UnsupportedModelError
-from shoal.engine.quant import held_bits, held_bytes
+from shoal.engine.footprint import held_bits, held_bytes
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 from shoal.models.cards import ModelCard, card_for
 from shoal.models.manifest import Manifest, build_manifest
@@ -136,11 +139,26 @@ def mlx_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("mlx", "mlx_lm"))
 
 
-def mlx_layouts(arch: str) -> tuple[str, ...]:
-    """How mlx-lm can split `arch` across nodes (from its model classes)."""
-    from shoal.engine_mlx.load import supports
+_ASK_MLX_LM = (
+    "import json, sys; from shoal.engine_mlx.load import supports; "
+    "print(json.dumps(supports(sys.argv[1])))"
+)
 
-    tensor, pipeline = supports(arch)
+
+@functools.cache
+def mlx_layouts(arch: str) -> tuple[str, ...]:
+    """How mlx-lm can split `arch` across nodes (from its model classes), asked in a child
+    process: importing mlx-lm pulls in transformers and torch, ~250 MB the node would keep
+    for good for one answer per architecture."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _ASK_MLX_LM, arch],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        tensor, pipeline = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        log.warning("cannot ask mlx-lm how it splits %s: %s", arch, exc)
+        return ()
     return (*(("pipeline",) if pipeline else ()), *(("tensor",) if tensor else ()))
 
 
@@ -207,14 +225,12 @@ def local_models(
 
 
 def _gguf_shape(path: Path) -> tuple[ModelConfig, list[Tensor], int]:
-    import gguf
+    from shoal.engine.gguf_file import GGUFFile, gguf_to_hf_name
 
-    from shoal.engine.weights import gguf_to_hf_name, read_gguf_metadata
-
-    reader = gguf.GGUFReader(path)
+    reader = GGUFFile(path)
     names = {t.name for t in reader.tensors}
     config = ModelConfig.from_gguf_fields(
-        read_gguf_metadata(reader), has_output_weight="output.weight" in names
+        reader.metadata, has_output_weight="output.weight" in names
     )
     tensors = [
         (gguf_to_hf_name(t.name), t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)))

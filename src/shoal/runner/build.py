@@ -140,12 +140,15 @@ class TorchRank:
 
     def __init__(self, spec: RunnerSpec) -> None:
         self.spec = spec
-        self.source = open_source(spec.model_path)  # metadata only: refuse a bad spec early
+        self.source: WeightSource | None = open_source(spec.model_path)  # metadata: check early
         check_spec(spec, self.source.config)
         self.config = self.source.config
 
     def load(self, peers: Peers | None, progress: Progress | None = None) -> Transformer:
+        assert self.source is not None, "a rank loads once"
         model = load_rank_model(self.spec, self.source)
+        # the source maps the whole file: pages the load touched would stay resident with it
+        self.source = None
         release_freed_memory()
         return model
 
@@ -191,9 +194,7 @@ class MlxRank:
         group = None
         if peers is not None:
             hosts = spec.rank_hosts or (spec.store_host,) * spec.world_size
-            group = join_group(
-                peers, spec.backend, hosts, spec.rdma_devices, ifname=spec.ifname
-            )
+            group = join_group(peers, spec.backend, hosts, spec.rdma_devices, ifname=spec.ifname)
         model, _ = mlx_load.load(path, group, spec.sharding, tuple(spec.layer_range), progress)
         return model
 

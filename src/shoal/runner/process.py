@@ -24,6 +24,7 @@ from shoal.engine.distributed import InitError, PeerLostError, Peers, join
 from shoal.engine.generator import Executor, Generator
 from shoal.engine.serving import ServedModel
 from shoal.engine.tokenizer import Tokenizer
+from shoal.engine.weights import bound_heap_growth
 from shoal.runner.build import Following, Rank, open_rank, rendezvous_of
 from shoal.runner.endpoint import Readiness, create_endpoint
 from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         _exit(1)
     if threads := os.environ.get(THREADS_ENV):
         torch.set_num_threads(int(threads))
+    bound_heap_growth()
     logging.getLogger().handlers[0].setFormatter(
         logging.Formatter(f"%(asctime)s rank {spec.rank} %(levelname)s %(name)s: %(message)s")
     )
