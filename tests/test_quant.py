@@ -19,6 +19,7 @@ import pytest
 import torch
 from test_engine_reference import SMOLLM_PROMPT, greedy_tokens
 
+from shoal.engine.gguf_file import GGUFFile
 from shoal.engine.model import Step
 from shoal.engine.quant import (
     Int4Linear,
@@ -31,6 +32,7 @@ from shoal.engine.quant import (
 )
 from shoal.engine.tokenizer import Tokenizer
 from shoal.engine.weights import load_model
+from shoal.models.local import describe
 
 from engine_helpers import bundled_gguf
 
@@ -131,6 +133,24 @@ def test_bundled_model_stays_quantized_in_memory(bundled_pair):
     assert module_bytes(reference) > 5 * file_bytes  # float32
     assert isinstance(quantized.layers[0].feed_forward.w13, Int4Linear)
     assert quantized.lm_head is quantized.embed.head()  # tied: one 8-bit copy
+    # what the node reports for placement, from the header alone, is what loading holds
+    for model, mode in ((quantized, "auto"), (reference, "none")):
+        held = describe("m", bundled_gguf(), quantize=mode).held
+        assert held.weight_bytes == module_bytes(model)
+
+
+def test_the_lean_gguf_reader_reads_what_gguf_reads():
+    import gguf
+
+    path = bundled_gguf()
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and a.shape == tuple(int(d) for d in b.shape)
+        assert np.array_equal(a.data, b.data)
+    assert ours.metadata["general.architecture"] == "llama"
+    assert ours.metadata["llama.block_count"] == 30
+    assert ours.metadata["tokenizer.ggml.tokens.length"] == 49152  # arrays: their length
 
 
 def test_bundled_model_quantized_matches_the_float32_reference(bundled_pair, tmp_path):

@@ -88,7 +88,7 @@ def describe(
 
 
 Tensor = tuple[str, str, tuple[int, ...]]  # HF name, stored type (GGUF type or dtype), shape
-_FUSED = re.compile(r"(.*\.)(?:self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.weight")
+_FUSED = re.compile(r".*\.(?:self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.weight")
 
 
 def torch_weight_bytes(
@@ -110,8 +110,8 @@ def torch_weight_bytes(
         if name == "model.embed_tokens.weight" and b == 4:
             b = 8  # embeddings are looked up by row: kept 8-bit
         bits[name] = b
-        if m := _FUSED.fullmatch(name):
-            fused.setdefault(m.group(1), set()).add(b)
+        if _FUSED.fullmatch(name):  # keyed by layer and block: ...layers.3.self_attn
+            fused.setdefault(name.rsplit(".", 2)[0], set()).add(b)
     total = 0
     for name, _, shape in tensors:
         if len(shape) < 2:
@@ -120,7 +120,8 @@ def torch_weight_bytes(
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # the loader ties it to the embedding
         b = bits[name]
-        if (m := _FUSED.fullmatch(name)) and len(fused[m.group(1)]) > 1 and 4 in fused[m.group(1)]:
+        parts = fused.get(name.rsplit(".", 2)[0], set()) if _FUSED.fullmatch(name) else set()
+        if 4 in parts and len(parts) > 1:  # 4-bit beside other bits: cat_rows meets at int8
             b = 8
         total += held_bytes(b, math.prod(shape[:-1]), shape[-1], dtype_bytes)
     return total
