@@ -1,6 +1,8 @@
 """Decode speed of shoal's engine vs transformers' `generate` on the bundled SmolLM2-135M GGUF.
 
-Both run in this process, fp32 on the CPU, with the same thread count, the same prompt ids,
+Both run in this process on the CPU (shoal with its weights kept quantized, as it serves them:
+int4 layers, int8 embedding/head; transformers dequantized to float32), with the same thread
+count, the same prompt ids,
 greedy decoding and a fixed number of new tokens (EOS ignored). Each side gets a warm-up run,
 then N timed repetitions (interleaved, so background load hits both alike); medians reported.
 Decode speed excludes prefill: the clock starts at the first generated token.
@@ -159,7 +161,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = bundled_gguf()
     print(
-        f"model {MODEL_ID} ({path.name}), fp32, CPU, torch {torch.__version__}, "
+        f"model {MODEL_ID} ({path.name}), shoal quantized / transformers fp32, CPU, "
+        f"torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, {args.new_tokens} new tokens, {args.reps} reps"
     )
 
@@ -219,7 +222,7 @@ def main() -> None:
     result = {
         "model": MODEL_ID,
         "file": path.name,
-        "dtype": "float32",
+        "dtype": "shoal: int4 layers, int8 embedding/head, float32 activations; hf: float32",
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
