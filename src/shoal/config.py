@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.engine.footprint import QUANTIZE_MODES
+
 ENV_PREFIX = "SHOAL_"
 _BOOLEANS = {
     "1": True,
@@ -84,7 +86,7 @@ class RunSettings:
         "how the torch engine holds weights on the CPU: auto = a GGUF's 4-bit blocks stay 4-bit "
         "(its other quantized types 8-bit) and 16-bit safetensors stay 16-bit; int8 = also "
         "quantize dense weights to int8 at load; none = dequantize everything to float32",
-        ("auto", "int8", "none"),
+        QUANTIZE_MODES,
     )
     engine: str = _flag(
         "auto",

@@ -34,7 +34,7 @@ ENDED = ("failed", "stopped")
 class WorkerSettings:
     serve_host: str = "127.0.0.1"  # where a rank-0 runner's OpenAI endpoint listens
     device: str = "cpu"
-    quantize: str = "auto"  # engine.quant.QUANTIZE_MODES
+    quantize: str = "auto"  # engine.footprint.QUANTIZE_MODES
     max_batch: int = 4
     max_seq_len: int | None = None
     tokenizer_cache: Path | None = None

@@ -198,6 +198,12 @@ def from_gguf(qtype: str, raw: np.ndarray, shape: tuple[int, int]) -> QuantWeigh
 # --- layers --------------------------------------------------------------------------------
 
 
+def keeps_quantized(device: torch.device | str, quantize: str) -> bool:
+    """Whether quantised weights load as they are stored (the CPU kernels) or dequantised
+    (--quantize none, and GPUs: the CPU kernels' layouts do not carry over)."""
+    return torch.device(device).type == "cpu" and quantize != "none"
+
+
 class DenseLinear(nn.Module):
     """y = x W^T + b with W in its own dtype (bf16 safetensors stay bf16)."""
 
@@ -288,7 +294,7 @@ def make_linear(
         # A 16-bit source stays 16-bit (half the bytes, the same speed as float32 on the CPU).
         keep = weight.dtype in (torch.bfloat16, torch.float16) and quantize == "auto"
         return DenseLinear(weight.to(device=device, dtype=weight.dtype if keep else dtype), bias)
-    if device.type != "cpu" or quantize == "none":
+    if not keeps_quantized(device, quantize):
         return DenseLinear(weight.dequantize().to(device=device, dtype=dtype), bias)
     if weight.bits == 4 and not int4_packable(weight):
         weight = QuantWeight.int8(weight.dequantize())

@@ -24,12 +24,11 @@ import torch
 
 from shoal.engine.config import ModelConfig
 from shoal.engine.model import MoE, Transformer
-from shoal.engine.quant import QuantWeight, cat_rows
+from shoal.engine.quant import QuantWeight, cat_rows, keeps_quantized
 from shoal.engine.weights import (
     WeightSource,
     assign_weights,
     default_dtype,
-    keeps_quantized,
     open_source,
     shard_state_dict,
 )

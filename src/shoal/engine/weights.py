@@ -27,6 +27,7 @@ from shoal.engine.quant import (
     QuantWeight,
     cat_rows,
     from_gguf,
+    keeps_quantized,
     make_linear,
 )
 
@@ -290,7 +291,7 @@ def make_embedding(
     weight: torch.Tensor | QuantWeight, device: torch.device, dtype: torch.dtype, quantize: str
 ) -> nn.Module:
     """A quantised embedding (or any one with --quantize int8) stays 8-bit on the CPU."""
-    if device.type == "cpu" and quantize != "none":
+    if keeps_quantized(device, quantize):
         if isinstance(weight, QuantWeight):
             return QuantEmbedding(weight, dtype)
         if quantize == "int8":
@@ -363,9 +364,3 @@ def load_model(
     quantized = keeps_quantized(device, quantize)
     weights = shard_state_dict(source, layer_range, model.is_first, model.is_last, quantized)
     return assign_weights(model, weights, device, dtype, quantize)
-
-
-def keeps_quantized(device: torch.device | str, quantize: str) -> bool:
-    """Whether quantised weights load as they are stored (the CPU kernels) or dequantised
-    (--quantize none, and GPUs: the CPU kernels' layouts do not carry over)."""
-    return torch.device(device).type == "cpu" and quantize != "none"
