@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -158,12 +159,16 @@ def _open_long_stream(http: httpx.Client) -> Any:
     return http.stream("POST", CHAT, json=body)
 
 
-def _read_first_content(response: httpx.Response) -> None:
-    for line in response.iter_lines():
+def _read_first_content(response: httpx.Response) -> Iterator[str]:
+    """Read up to the first content chunk; the caller must hold the returned line iterator
+    while the stream is meant to stay open: a dropped iter_lines() generator is finalized at
+    once, and httpcore closes the connection on that GeneratorExit (a real disconnect)."""
+    lines = response.iter_lines()
+    for line in lines:
         if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get(
             "content"
         ):
-            return
+            return lines
     raise AssertionError("the stream ended before any content")
 
 
@@ -179,7 +184,7 @@ def test_parallel_requests_complete_in_one_batch(server: LiveServer, client: ope
     with httpx.Client(base_url=server.url, timeout=60) as http, _open_long_stream(http) as anchor:
         # The anchor is generating (1500 tokens: it cannot finish during this test), so the
         # requests below must share decode steps with it: batching is proven, not timed.
-        _read_first_content(anchor)
+        open_lines = _read_first_content(anchor)
         with ThreadPoolExecutor(4) as pool:
             results = list(
                 pool.map(
@@ -193,6 +198,7 @@ def test_parallel_requests_complete_in_one_batch(server: LiveServer, client: ope
                     range(4),
                 )
             )
+        assert next(open_lines) is not None  # the anchor was still streaming all along
     assert [r.usage.completion_tokens for r in results if r.usage] == [12] * 4
     assert server.runner_status()["batched_steps"] > batched_before  # a batch of >= 2
     _wait_until_idle(server)
@@ -201,8 +207,9 @@ def test_parallel_requests_complete_in_one_batch(server: LiveServer, client: ope
 def test_client_disconnect_mid_stream_frees_the_slot(server: LiveServer) -> None:
     tokens_before = server.runner_status()["tokens"]
     with httpx.Client(base_url=server.url, timeout=60) as http, _open_long_stream(http) as stream:
-        _read_first_content(stream)
+        open_lines = _read_first_content(stream)
         assert server.runner_status()["in_flight"] == 1
+        del open_lines  # the client goes away here, mid-stream
     # Leaving the block closed the connection: the sequence must leave the batch promptly,
     # long before its 1500 tokens could have been generated.
     _wait_until_idle(server, seconds=5)
