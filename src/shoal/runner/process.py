@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import torch
@@ -105,16 +106,19 @@ class Runner:
                 return self._serve(rank, model, tokenizer)
             return self._follow(rank, model)
         except Exception as exc:
-            log.exception("rank %d failed", spec.rank)
-            reason = (
-                str(exc)
-                if isinstance(exc, (InitError, PeerLostError))
-                else f"{type(exc).__name__}: {exc}"
-            )
-            if self.peers is not None:
-                self.peers.report_failure(reason)
-            self.status("failed", reason)
-            return 1
+            return self._failed(exc)
+
+    def _failed(self, exc: Exception) -> int:
+        log.error("rank %d failed", self.spec.rank, exc_info=exc)
+        reason = (
+            str(exc)
+            if isinstance(exc, (InitError, PeerLostError))
+            else f"{type(exc).__name__}: {exc}"
+        )
+        if self.peers is not None:
+            self.peers.report_failure(reason)
+        self.status("failed", reason)
+        return 1
 
     def _loaded(self, done: int, of: int) -> None:
         self.status("loading", layers=(done, of))
@@ -142,7 +146,6 @@ class Runner:
         port = sock.getsockname()[1]
         executor = rank.executor(self.peers, model)
         generator = Generator(executor, tokenizer)
-        generator.start()
         served = ServedModel(spec.model_id, tokenizer, generator)
         readiness = Readiness(reason=f"warming up {spec.model_id}")
         server = uvicorn.Server(
@@ -156,27 +159,59 @@ class Runner:
         threading.Thread(
             target=server.run, kwargs={"sockets": [sock]}, name="shoal-api", daemon=True
         ).start()
+        outcome = _Serving(executor)
+        supervisor = threading.Thread(
+            target=self._supervise,
+            args=(served, readiness, server, port, outcome),
+            name="shoal-supervisor",
+            daemon=True,
+        )
+        supervisor.start()
+        generator.run()  # the scheduler on the thread that loaded the model (Generator.run)
+        supervisor.join()
+        return self._served(outcome)
+
+    def _supervise(
+        self,
+        served: ServedModel,
+        readiness: Readiness,
+        server: uvicorn.Server,
+        port: int,
+        outcome: _Serving,
+    ) -> None:
+        """Warm up, report, watch; then stop the scheduler. If the scheduler is stuck in a
+        step (a peer lost inside a collective), this thread ends the process itself."""
+        generator = served.generator
         try:
             result = served.warm_up()
             log.info(
                 "warm-up through %d ranks: %r in %.2fs",
-                spec.world_size,
+                self.spec.world_size,
                 result.text,
                 result.seconds,
             )
             readiness.ready = True
             self.status("ready", port=port, context_length=served.context_length)
-            failure = self._watch(generator, executor, port)
+            outcome.failure = self._watch(generator, outcome.executor, port)
+        except Exception as exc:
+            outcome.error = exc
         finally:
             readiness.ready = False
             readiness.reason = "the instance is stopping"
             server.should_exit = True
-            scheduler_ended = generator.stop()
-        if failure is not None:
+            outcome.scheduler_ended = generator.stop()
+        if not outcome.scheduler_ended:
+            _exit(self._served(outcome))
+
+    def _served(self, outcome: _Serving) -> int:
+        """The exit code once serving ended: failed, or stopped and the ranks released."""
+        if outcome.error is not None:
+            return self._failed(outcome.error)
+        if outcome.failure is not None:
             time.sleep(0.5)  # let the error responses of the failed requests go out
-            raise PeerLostError(failure)
-        if scheduler_ended:  # only one thread may talk to the other ranks
-            executor.close()
+            return self._failed(PeerLostError(outcome.failure))
+        if outcome.scheduler_ended:  # only one thread may talk to the other ranks
+            outcome.executor.close()
         return self._stopped()
 
     def _watch(self, generator: Generator, executor: Executor, port: int) -> str | None:
@@ -201,6 +236,16 @@ class Runner:
                 self.status(self.status.current or "running", port=port, tokens=tokens_seen)
                 reported_at, reported_tokens = time.monotonic(), tokens_seen
         return None
+
+
+@dataclass
+class _Serving:
+    """How a rank 0's serving ended, written by its supervisor thread."""
+
+    executor: Executor
+    failure: str | None = None  # the instance broke (a peer lost)
+    error: Exception | None = None  # warm-up or watching failed
+    scheduler_ended: bool = False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
