@@ -6,7 +6,17 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from shoal import __version__
-from shoal.api import cluster, dashboard, instances, metrics, models, openai
+from shoal.api import (
+    anthropic,
+    cluster,
+    dashboard,
+    instances,
+    metrics,
+    models,
+    ollama,
+    openai,
+    responses,
+)
 from shoal.api.host import ModelHost
 from shoal.web.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected
 
@@ -16,6 +26,10 @@ def create_app(host: ModelHost) -> FastAPI:
     app.state.host = host
     app.add_middleware(CatchUnexpected)
     app.include_router(openai.router)
+    app.include_router(anthropic.router)
+    app.include_router(responses.router)
+    app.include_router(ollama.router, prefix="/api")
+    app.include_router(ollama.router, prefix="/ollama/api")
     app.include_router(cluster.router)
     app.include_router(instances.router)
     app.include_router(metrics.router)
