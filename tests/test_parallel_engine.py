@@ -49,6 +49,14 @@ def test_step_header_round_trips_through_its_fixed_int64_layout():
         StepHeader(Op.PREFILL, rows=40, slot=2, ids=(9,), params=SEEDED, inline=False),
         StepHeader(Op.PREFILL, rows=3, ids=(4,), params=SamplingParams(seed=2**64 - 1)),
         StepHeader(
+            Op.PREFILL,
+            rows=2,
+            ids=(5,),
+            params=SamplingParams(
+                presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.3
+            ),
+        ),
+        StepHeader(
             Op.DECODE,
             rows=3,
             ids=(1, 4, 9),

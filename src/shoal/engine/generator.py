@@ -12,6 +12,7 @@ import collections
 import itertools
 import logging
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -104,19 +105,27 @@ class SamplerBank:
     def __init__(self) -> None:
         self.params: dict[int, SamplingParams] = {}
         self.rngs: dict[int, torch.Generator | None] = {}
+        self.seen: dict[int, Counter[int]] = {}  # generated tokens, for the penalties
 
     def admit(self, seq_id: int, params: SamplingParams) -> None:
         self.params[seq_id] = params
         self.rngs[seq_id] = make_generator(params)
+        self.seen[seq_id] = Counter()
 
     def retain(self, ids: list[int]) -> None:
         if len(self.params) != len(ids):
             keep = set(ids)
             for gone in [i for i in self.params if i not in keep]:
-                del self.params[gone], self.rngs[gone]
+                del self.params[gone], self.rngs[gone], self.seen[gone]
 
     def sample(self, ids: list[int], logits: torch.Tensor) -> list[int]:
-        return sample_batch(logits, [self.params[i] for i in ids], [self.rngs[i] for i in ids])
+        params = [self.params[i] for i in ids]
+        seen = [self.seen[i] for i in ids]
+        chosen = sample_batch(logits, params, [self.rngs[i] for i in ids], seen)
+        for counts, p, token in zip(seen, params, chosen, strict=True):
+            if p.penalized:
+                counts[token] += 1
+        return chosen
 
 
 class LocalExecutor:

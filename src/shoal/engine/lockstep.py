@@ -90,12 +90,13 @@ def _signed64(x: int) -> int:
 
 
 class HeaderCodec:
-    """StepHeader <-> a fixed-size list of int64: 16 fields, then ids, positions and tokens
+    """StepHeader <-> a fixed-size list of int64: 20 fields, then ids, positions and tokens
     (max_batch each), then room for max_moves moves. Of the sampling parameters only what
-    the sampler reads travels (temperature, top_p, top_k, min_p as float64 bits, the seed);
+    the sampler reads travels (temperature, top_p, top_k, min_p and the three penalties as
+    float64 bits, the seed);
     stop strings, max_tokens and EOS handling stay with rank 0's scheduler."""
 
-    FIXED = 16
+    FIXED = 20
 
     def __init__(self, max_batch: int, max_moves: int | None = None) -> None:
         self.max_batch = max_batch
@@ -113,6 +114,9 @@ class HeaderCodec:
             seed = 0 if p.seed is None else _signed64(p.seed)
             v[7:12] = [1, _f2i(p.temperature), _f2i(p.top_p), p.top_k, _f2i(p.min_p)]
             v[12:14] = [p.seed is not None, seed]
+            v[14:17] = [_f2i(x) for x in (p.presence_penalty, p.frequency_penalty)] + [
+                _f2i(p.repetition_penalty)
+            ]
         f = self.FIXED
         v[f : f + n] = h.ids
         v[f + b : f + b + len(h.positions)] = h.positions
@@ -127,7 +131,14 @@ class HeaderCodec:
         if v[7]:
             seed = v[13] & ((1 << 64) - 1) if v[12] else None
             params = SamplingParams(
-                temperature=_i2f(v[8]), top_p=_i2f(v[9]), top_k=v[10], min_p=_i2f(v[11]), seed=seed
+                temperature=_i2f(v[8]),
+                top_p=_i2f(v[9]),
+                top_k=v[10],
+                min_p=_i2f(v[11]),
+                seed=seed,
+                presence_penalty=_i2f(v[14]),
+                frequency_penalty=_i2f(v[15]),
+                repetition_penalty=_i2f(v[16]),
             )
         f, b = self.FIXED, self.max_batch
         decode = op == Op.DECODE

@@ -1,7 +1,9 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p, with per-request seeds."""
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, with per-request seeds; presence,
+frequency and repetition penalties over the tokens a request has generated."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token has appeared
+    frequency_penalty: float = 0.0  # OpenAI's: minus this per appearance
+    repetition_penalty: float = 1.0  # CTRL/HF's: divide (positive) or multiply a seen logit
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -29,6 +34,14 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
+        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
     @property
     def greedy(self) -> bool:
@@ -48,13 +61,38 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 
 def sample_batch(
-    logits: torch.Tensor, params: list[SamplingParams], rngs: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    rngs: list[torch.Generator | None],
+    seen: list[Counter[int]] | None = None,
 ) -> list[int]:
-    """One token per row of logits [B, V]; greedy rows share one argmax."""
+    """One token per row of logits [B, V]; greedy rows share one argmax. `seen`: each row's
+    generated tokens so far, for the rows whose params ask for penalties."""
+    rows = [i for i, p in enumerate(params) if p.penalized and seen is not None and seen[i]]
+    if rows:
+        assert seen is not None
+        logits = logits.clone()  # the caller's logits stay as the model gave them
+        for i in rows:
+            logits[i] = penalize(logits[i], params[i], seen[i])
     greedy = logits.argmax(dim=-1).tolist()
     return [
         greedy[i] if p.greedy else sample_one(logits[i], p, rngs[i]) for i, p in enumerate(params)
     ]
+
+
+def penalize(logits: torch.Tensor, p: SamplingParams, seen: Counter[int]) -> torch.Tensor:
+    """One row of logits [V] with the penalties of `p` for the tokens in `seen` applied."""
+    ids = torch.tensor(list(seen), device=logits.device)
+    counts = torch.tensor(list(seen.values()), device=logits.device, dtype=torch.float32)
+    picked = logits[ids].float()
+    if p.repetition_penalty != 1:
+        picked = torch.where(
+            picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
+        )
+    picked = picked - p.frequency_penalty * counts - p.presence_penalty
+    out = logits.clone()
+    out[ids] = picked.to(out.dtype)
+    return out
 
 
 def sample_one(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator | None) -> int:
