@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shoal.engine.generator import Event, Generator
 from shoal.engine.sampling import SamplingParams
@@ -54,8 +55,15 @@ class ServedModel:
     def context_length(self) -> int:
         return self.generator.max_seq_len
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def chat_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        answer_prefix: str = "",
+    ) -> list[int]:
+        """The chat template's prompt; `answer_prefix` starts the assistant's answer."""
+        text = self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools)
+        return self.tokenizer.encode(text + answer_prefix, add_special_tokens=False)
 
     def text_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)

@@ -18,12 +18,23 @@ from typing import Any
 import jinja2
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from shoal import __version__
 from shoal.engine.generator import ContextLengthError, Event
 from shoal.engine.sampling import SamplingParams
 from shoal.engine.serving import ServedModel
+from shoal.runner.tools import (
+    HERMES,
+    ToolCall,
+    ToolStream,
+    forced_prefix,
+    parse_tool_calls,
+    template_messages,
+    template_renders_tools,
+    tool_format,
+)
 from shoal.schema.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -38,6 +49,8 @@ from shoal.schema.openai import (
     ModelCard,
     ModelList,
     Sampling,
+    ToolCallDelta,
+    ToolCallOut,
     Usage,
 )
 from shoal.web.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected, invalid_request
@@ -148,6 +161,9 @@ def _admit(
             seed=body.seed,
             stop=body.stop,
             ignore_eos=body.ignore_eos,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
         )
     except ValueError as exc:
         raise invalid_request(f"Invalid sampling parameters: {exc}.") from None
@@ -165,21 +181,75 @@ def _usage(event: Event) -> Usage:
 # ---- chat ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ToolUse:
+    """How this request's tool calls are written and found (shoal.runner.tools)."""
+
+    fmt: str
+    prefix: str  # forced by tool_choice: the answer starts with it
+    parallel: bool
+
+    def calls(self, found: list[ToolCall]) -> list[ToolCall]:
+        return found if self.parallel else found[:1]
+
+
+def _refuse_unsupported(body: ChatCompletionRequest) -> None:
+    if body.response_format is not None and body.response_format.type != "text":
+        raise invalid_request(
+            f"response_format '{body.response_format.type}' needs constrained decoding, which "
+            "shoal does not do yet; leave it out (or 'text') and ask for JSON in the prompt.",
+            param="response_format",
+        )
+    if body.logprobs or body.top_logprobs:
+        raise invalid_request(
+            "logprobs are not returned by shoal yet; leave 'logprobs' and 'top_logprobs' out.",
+            param="logprobs",
+        )
+
+
+def _tool_use(model: ServedModel, body: ChatCompletionRequest) -> tuple[ToolUse | None, Any]:
+    """The request's tool use, and a prompt builder for it."""
+    template = model.tokenizer.chat_template
+    renders = template_renders_tools(template)
+    calling = bool(body.tools) and body.tool_choice != "none"
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if calling else None
+    messages = template_messages(
+        [m.model_dump(exclude_none=True) for m in body.messages], tools, renders
+    )
+    if not calling:
+        return None, lambda m: m.chat_prompt(messages)
+    fmt = tool_format(template) if renders else HERMES
+    choice = body.tool_choice
+    prefix = forced_prefix(fmt, choice.model_dump() if isinstance(choice, BaseModel) else choice)
+    use = ToolUse(fmt, prefix, body.parallel_tool_calls)
+    return use, lambda m: m.chat_prompt(messages, tools if renders else None, prefix)
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    messages = [m.model_dump() for m in body.messages]
+    _refuse_unsupported(body)
+    served = _served(request)
+    tool_use, prompt_of = _tool_use(served, body)
     job = _admit(
-        _served(request),
+        served,
         body,
-        lambda m: m.chat_prompt(messages),
+        prompt_of,
         "messages",
         body.max_completion_tokens or body.max_tokens,
         "chatcmpl",
     )
     if body.stream:
-        return EventStream(_chat_events(job, body.include_usage))
+        return EventStream(_chat_events(job, body.include_usage, tool_use))
     text, last = await job.collect()
-    choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=last.finish_reason)
+    message, reason = ChatMessageOut(content=text), last.finish_reason
+    if tool_use is not None:
+        content, found = parse_tool_calls(tool_use.prefix + text, tool_use.fmt)
+        message = ChatMessageOut(content=content)  # no call: the prefilled words are its text
+        if found:
+            calls = [ToolCallOut(**c.openai()) for c in tool_use.calls(found)]
+            message = ChatMessageOut(content=content or None, tool_calls=calls)
+            reason = "tool_calls"
+    choice = ChatChoice(message=message, finish_reason=reason)
     result = ChatCompletion(**job.envelope(), choices=[choice], usage=_usage(last))
     return Response(result.model_dump_json(), media_type="application/json")
 
@@ -190,16 +260,34 @@ def _chat_chunk(
     return ChatCompletionChunk(**job.envelope(), choices=choices, usage=usage)
 
 
-async def _chat_events(job: Job, include_usage: bool) -> AsyncGenerator[str, None]:
+async def _chat_events(
+    job: Job, include_usage: bool, tool_use: ToolUse | None = None
+) -> AsyncGenerator[str, None]:
     yield sse(_chat_chunk(job, [ChatChunkChoice(delta=Delta(role="assistant", content=""))]))
+    calls = ToolStream(tool_use.fmt, tool_use.prefix) if tool_use else None
     try:
         async with aclosing(job.events()) as events:
             async for event in events:
-                if event.text:
-                    delta = Delta(content=event.text)
+                text = calls.feed(event.text) if calls else event.text
+                if text:
+                    delta = Delta(content=text)
                     yield sse(_chat_chunk(job, [ChatChunkChoice(delta=delta)]))
                 if event.finish_reason:
-                    final = ChatChunkChoice(delta=Delta(), finish_reason=event.finish_reason)
+                    reason = event.finish_reason
+                    if calls is not None and tool_use is not None:
+                        rest, found = calls.finish()
+                        if rest:
+                            delta = Delta(content=rest)
+                            yield sse(_chat_chunk(job, [ChatChunkChoice(delta=delta)]))
+                        if found:
+                            deltas = [
+                                ToolCallDelta(**c.openai(i))
+                                for i, c in enumerate(tool_use.calls(found))
+                            ]
+                            choice = ChatChunkChoice(delta=Delta(tool_calls=deltas))
+                            yield sse(_chat_chunk(job, [choice]))
+                            reason = "tool_calls"
+                    final = ChatChunkChoice(delta=Delta(), finish_reason=reason)
                     yield sse(_chat_chunk(job, [final]))
                     if include_usage:
                         yield sse(_chat_chunk(job, [], _usage(event)))

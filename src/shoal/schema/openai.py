@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 
 def _text_content(value: Any) -> Any:
-    """A message's content: a string, or a list of `{"type": "text", "text": ...}` parts."""
+    """A message's content: a string, null, or a list of `{"type": "text", "text": ...}` parts."""
     if not isinstance(value, list):
-        return value  # strings pass; anything else fails as "should be a valid string"
+        return value  # strings and null pass; anything else fails as "should be a valid string"
     texts = []
     for part in value:
-        if not isinstance(part, dict) or part.get("type") != "text":
-            raise ValueError(
-                "content parts must be {'type': 'text', 'text': ...}; only text is supported"
-            )
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("image_url", "input_image", "input_audio", "file", "image"):
+            raise ValueError(f"this model takes text only; a '{kind}' part cannot be read")
+        if kind != "text":
+            raise ValueError("content parts must be {'type': 'text', 'text': ...}")
         if not isinstance(part.get("text"), str):
             raise ValueError("a text part needs a string 'text'")
         texts.append(part["text"])
@@ -36,6 +37,14 @@ class _Request(BaseModel):
     # fields are ignored, as clients send OpenAI options we do not implement (user, ...).
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's clients send `"temperature": null` for "not set": every field's default.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
 
 class StreamOptions(_Request):
     include_usage: bool = False
@@ -52,6 +61,9 @@ class Sampling(_Request):
     max_tokens: int | None = Field(None, ge=1)
     stop: Annotated[tuple[str, ...], BeforeValidator(_stop_list)] = ()
     seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)  # extension (vLLM, HF)
     n: int = 1
     ignore_eos: bool = False  # extension: generate exactly max_tokens (benchmarks)
     stream: bool = False
@@ -62,14 +74,81 @@ class Sampling(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallIn(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
-    content: Annotated[str, BeforeValidator(_text_content)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str | None, BeforeValidator(_text_content)] = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the 'tool_call_id' it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("'content' is required (null only for an assistant's tool_calls)")
+        return self
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: ToolName
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer name of max_tokens
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or []}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names '{self.tool_choice.function.name}', which is not "
+                    "among the request's tools"
+                )
+        elif self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs 'tools'")
+        return self
 
 
 class CompletionRequest(Sampling):
@@ -85,12 +164,24 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
 
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(BaseModel):
@@ -110,10 +201,15 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallDelta(ToolCallOut):
+    index: int
+
+
 class Delta(BaseModel):
     # A delta carries only what changed: role in the first chunk, content after it.
     role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
     content: str | None = Field(None, exclude_if=lambda v: v is None)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):
