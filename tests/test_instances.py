@@ -235,8 +235,9 @@ def test_state_carries_models_paths_hints_and_membership(pair: Pair) -> None:
     assert row["card"]["status"] == "active" and row["downloads"] == []
     joined = [e for e in state["events"] if e["kind"] == "node_joined"]
     assert any(e["node"] == ids["b"] and "node b (" in e["message"] for e in joined), joined
-    for node in state["topology"]["nodes"]:
-        assert node["nodeProfile"]["modelId"] not in ("", "unknown")  # the machine's label
+    assert sorted(state["topology"]["nodes"]) == sorted(ids.values())  # exo's: node ids
+    for node in state["topology"]["nodes"]:  # the machine's label, in exo's nodeIdentities
+        assert state["nodeIdentities"][node]["modelId"] not in ("", "unknown")
 
 
 def test_a_refused_post_is_an_event_on_the_leader_and_a_preview_is_not(pair: Pair) -> None:

@@ -132,6 +132,11 @@ class RunSettings:
         "e.g. 'vpn=50,ethernet=5' (defaults: thunderbolt 5, ethernet/veth 10, loopback 20, "
         "wifi 50, vpn 200)",
     )
+    cors_origins: str = _flag(
+        "",
+        "browser origins allowed to call the API from their pages (CORS), comma-separated, "
+        "e.g. 'http://localhost:5173,https://tools.example'; '*' = any origin; empty = CORS off",
+    )
     suspect_after: float = _flag(2.0, "seconds without a report before a peer is suspect")
     gone_after: float = _flag(4.0, "seconds without a report before a peer is gone")
     paths: Paths = field(default_factory=Paths.from_env)
@@ -150,6 +155,27 @@ class RunSettings:
             raise StartupError(f"--min-nodes {self.min_nodes} is too small: use 1 or more")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise StartupError(f"--max-seq-len {self.max_seq_len} is too small: use 2 or more")
+        parse_origins(self.cors_origins)
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return parse_origins(self.cors_origins)
+
+
+def parse_origins(text: str) -> tuple[str, ...]:
+    """'--cors-origins a,b' -> its origins; StartupError for one that is not '*' or
+    scheme://host[:port] (a path or a trailing slash never matches a browser's Origin)."""
+    origins = tuple(o.strip() for o in text.split(",") if o.strip())
+    for origin in origins:
+        scheme, sep, rest = origin.partition("://")
+        if origin != "*" and (
+            not sep or scheme not in ("http", "https") or not rest or "/" in rest
+        ):
+            raise StartupError(
+                f"--cors-origins {origin!r} is not an origin: use scheme://host[:port] "
+                "(e.g. http://localhost:5173, no path or trailing slash) or '*'"
+            )
+    return origins
 
 
 def _flag_fields() -> list[dataclasses.Field[Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from shoal import __version__
@@ -10,6 +11,7 @@ from shoal.api import (
     anthropic,
     cluster,
     dashboard,
+    exo,
     instances,
     metrics,
     models,
@@ -25,6 +27,11 @@ def create_app(host: ModelHost) -> FastAPI:
     app = FastAPI(title="shoal", version=__version__, exception_handlers=EXCEPTION_HANDLERS)
     app.state.host = host
     app.add_middleware(CatchUnexpected)
+    origins = getattr(getattr(host, "settings", None), "cors_origin_list", ())
+    if origins:  # off unless --cors-origins (SHOAL_CORS_ORIGINS) names the browser origins
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(origins), allow_methods=["*"], allow_headers=["*"]
+        )
     app.include_router(openai.router)
     app.include_router(anthropic.router)
     app.include_router(responses.router)
@@ -34,6 +41,7 @@ def create_app(host: ModelHost) -> FastAPI:
     app.include_router(instances.router)
     app.include_router(metrics.router)
     app.include_router(models.router)
+    app.include_router(exo.router)
     app.include_router(dashboard.router)
     app.mount("/dashboard", dashboard.static_files(), name="dashboard")
 

@@ -10,9 +10,11 @@ from typing import Any
 
 import httpx
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from shoal.api.host import controller_of
+from shoal.api.instances import exo_instances
 from shoal.cluster.catalog import models_document
 from shoal.cluster.events import merge_history
 from shoal.cluster.hints import rdma_hints
@@ -26,6 +28,7 @@ from shoal.schema.documents import (
     NodesDocument,
     StateDocument,
 )
+from shoal.schema.exo import exo_topology, node_maps, runner_tagged
 from shoal.schema.reasons import event_fields, render
 from shoal.web.errors import ApiError
 
@@ -73,15 +76,55 @@ async def goodbye(body: Goodbye, request: Request) -> Response:
 
 @router.get("/state", response_model=StateDocument)
 async def state(request: Request) -> dict[str, Any]:
+    return state_of(request)
+
+
+@router.get("/state/{path:path}", response_model=None)
+async def state_path(path: str, request: Request) -> JSONResponse:
+    """exo's sub-path of /state: `/state/instances/<id>`, `/state/runners/<id>`,
+    `/state/nodeDisk/<node>`... walked by key (and list index) through the same document."""
+    document = StateDocument.model_validate(state_of(request)).model_dump(
+        mode="json", by_alias=True
+    )
+    try:
+        return JSONResponse(walk(document, path))
+    except LookupError:
+        raise ApiError(
+            404,
+            f"No '{path.strip('/').replace('/', '.')}' in the state document.",
+            code="state_path_not_found",
+        ) from None
+
+
+def walk(document: Any, path: str) -> Any:
+    """The value at a /-separated key path (list items by index); LookupError if absent."""
+    value = document
+    for part in (p for p in path.split("/") if p):
+        if isinstance(value, dict):
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit():
+            value = value[int(part)]
+        else:
+            raise LookupError(part)
+    return value
+
+
+def state_of(request: Request) -> dict[str, Any]:
+    """GET /state: the view's document with exo's keys, and the controller's parts."""
     cluster = _cluster(request)
     document = state_document(cluster.view, cluster.report, time.time())
+    document["topology"] = exo_topology(document["topology"])
+    document.update(node_maps(cluster.view.alive_reports(cluster.report)))
     controller = controller_of(request.app.state.host)
     if controller is not None:
         reports = controller.reports()
         by_id = {r.node_id: r for r in reports}
         library = controller.library
-        document["instances"] = controller.instances_document()
-        document["runners"] = {rid: s.model_dump() for rid, s in controller.runner_states().items()}
+        document["instances"] = exo_instances(controller)
+        document["runners"] = {
+            rid: {**s.model_dump(), **runner_tagged(s)}
+            for rid, s in controller.runner_states().items()
+        }
         document["alerts"] = alerts_of(controller)
         document["preflight"] = {
             i.instance_id: [

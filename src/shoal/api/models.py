@@ -8,6 +8,7 @@ import dataclasses
 import ipaddress
 import socket
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -16,10 +17,12 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.api.host import library_of
-from shoal.models.cards import ModelCard
+from shoal.models.cards import BUILTIN_DIR, ModelCard
 from shoal.models.library import Library, PullRefused
 from shoal.models.parity import ManifestsDocument, audit, ready
 from shoal.schema.address import base_url, host_of, join_host_port
+from shoal.schema.exo import model_card
+from shoal.schema.report import HeldModel
 from shoal.web.errors import ApiError, invalid_request
 
 router = APIRouter()
@@ -55,9 +58,12 @@ def _not_here(model_id: str) -> ApiError:
 
 
 @router.get("/models")
-async def models(request: Request) -> dict[str, Any]:
+async def models(request: Request, status: str | None = Query(None)) -> dict[str, Any]:
     """Held models (served or placeable), store dirs that are not complete yet, cards, and
-    downloads in flight."""
+    downloads in flight; each row also in exo's catalog shape (name, hugging_face_id,
+    storage_size_megabytes, ...). `?status=downloaded` keeps the models held on disk."""
+    if status not in (None, "", "downloaded"):
+        raise invalid_request("status must be 'downloaded' or left out.", param="status")
     library = _library(request)
     rows: dict[str, dict[str, Any]] = {}
     for model_id, local in library.models.items():
@@ -65,14 +71,51 @@ async def models(request: Request) -> dict[str, Any]:
     for stored in library.store.models():
         rows.setdefault(stored.model_id, {"id": stored.model_id, "held": False})
         rows[stored.model_id].setdefault("path", str(stored.path))
+    if status == "downloaded":
+        rows = {m: row for m, row in rows.items() if row["held"]}
+    sizes = await asyncio.to_thread(_sizes, library, list(rows))
     for row in rows.values():
         card = library.card(row["id"])
         row["status"] = card.status
         row["card"] = card.model_dump(exclude={"source"}) | {"source": card.source or None}
+        local = library.models.get(row["id"])
+        row |= catalog_row(card, local.held if local else None, sizes.get(row["id"], 0))
     return {
         "object": "list",
         "data": sorted(rows.values(), key=lambda r: r["id"]),
         "store": library.state().model_dump(),
+    }
+
+
+def _sizes(library: Library, model_ids: list[str]) -> dict[str, int]:
+    """Bytes of each model's files on disk (sizes only, nothing hashed)."""
+    out = {}
+    for model_id in model_ids:
+        found = library.manifest(model_id)
+        out[model_id] = found.total_bytes if found is not None else 0
+    return out
+
+
+def catalog_row(card: ModelCard, held: HeldModel | None, size_bytes: int) -> dict[str, Any]:
+    """exo's ModelListModel fields of one model, from its card and what this node holds."""
+    exo = model_card(card.model_id, held, size_bytes)
+    return {
+        "object": "model",
+        "created": 0,
+        "owned_by": "shoal",
+        "hugging_face_id": card.model_id,
+        "name": card.name or card.model_id.rsplit("/", 1)[-1],
+        "description": card.notes,
+        "context_length": exo["contextLength"],
+        "tags": [card.status] if card.status != "active" else [],
+        "storage_size_megabytes": round(size_bytes / 2**20),
+        "supports_tensor": exo["supportsTensor"],
+        "tasks": list(exo["tasks"]),
+        "is_custom": bool(card.source) and not Path(card.source).is_relative_to(BUILTIN_DIR),
+        "family": exo["family"],
+        "quantization": "",  # shoal cards do not state it
+        "base_model": "",
+        "capabilities": list(exo["capabilities"]),
     }
 
 

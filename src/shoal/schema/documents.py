@@ -13,7 +13,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from shoal.schema.exo import InstanceBody, Topology, instance_body
+from shoal.schema.exo import (
+    ExoTopology,
+    InstanceBody,
+    NodeDisk,
+    NodeIdentity,
+    NodeMemory,
+    NodeNetwork,
+    NodeSystem,
+    TaggedRunnerStatus,
+    instance_body,
+)
 from shoal.schema.report import NodeReport, PathStats, RunnerState, StoreState
 
 
@@ -181,6 +191,15 @@ class PlanRef(Document):
     leader: str = ""
 
 
+class StateRunner(RunnerState, TaggedRunnerStatus):
+    """A runner in /state: shoal's fields and exo's tag of its status ({"RunnerReady": {}})."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    runner_id: str = ""  # exo's entries are the tag alone: its key is the runner's id
+    instance_id: str = ""
+
+
 # present only where the node runs a controller; absent (not null) elsewhere
 CONTROLLER_FIELDS = (
     "instances", "runners", "alerts", "preflight", "instance_paths", "models", "hints",
@@ -189,10 +208,18 @@ CONTROLLER_FIELDS = (
 
 
 class StateDocument(Document):
-    """GET /state: exo's topology plus the view (nodes, links, drift, refused) and, on a node
-    with a controller, its instances, runners, alerts, preflight, models and history."""
+    """GET /state: exo's keys (topology, nodeIdentities, nodeMemory, nodeDisk, nodeSystem,
+    nodeNetwork, downloads; instances and runners carry exo's keys too) plus the view (nodes,
+    links, drift, refused) and, on a node with a controller, its instances, runners, alerts,
+    preflight, models and history."""
 
-    topology: Topology = Topology()
+    topology: ExoTopology = ExoTopology()
+    node_identities: dict[str, NodeIdentity] = Field(default_factory=dict, alias="nodeIdentities")
+    node_memory: dict[str, NodeMemory] = Field(default_factory=dict, alias="nodeMemory")
+    node_disk: dict[str, NodeDisk] = Field(default_factory=dict, alias="nodeDisk")
+    node_system: dict[str, NodeSystem] = Field(default_factory=dict, alias="nodeSystem")
+    node_network: dict[str, NodeNetwork] = Field(default_factory=dict, alias="nodeNetwork")
+    downloads: dict[str, tuple[dict[str, Any], ...]] = Field(default_factory=dict)
     self_id: str | None = Field(None, alias="self")
     leader: str | None = None
     nodes: tuple[NodeRow, ...] = ()
@@ -200,7 +227,7 @@ class StateDocument(Document):
     drift: tuple[str, ...] = ()
     refused: tuple[RefusedPeer, ...] = ()
     instances: dict[str, dict[str, InstanceBody]] | None = None  # id -> {meta: body}
-    runners: dict[str, RunnerState] | None = None
+    runners: dict[str, StateRunner] | None = None
     alerts: tuple[Alert, ...] | None = None  # None: no controller on this node
     preflight: dict[str, tuple[PreflightCheck, ...]] | None = None
     instance_paths: dict[str, tuple[UsedPathRow, ...]] | None = None

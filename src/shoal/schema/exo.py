@@ -1,19 +1,33 @@
-"""exo's camelCase wire shapes, in one place: the instance document and /state's topology.
+"""exo's camelCase wire shapes, in one place: the instance document, /state's exo keys
+(topology, nodeIdentities, nodeMemory, nodeDisk, nodeSystem, nodeNetwork, downloads, tagged
+runner statuses) and the translations from shoal's reports into them.
 
 shoal's own documents are snake_case; the parts an exo client reads (`{meta: body}` instance
-documents with nodeToRunner/runnerToShard, `topology.nodes[].nodeProfile`,
-`topology.connections`) are declared here, by their snake_case field names with camelCase
-aliases, so both the node that writes them and the tools that read them use one type.
-Every field has a default, so a partial document from an older node still validates.
+documents with shardAssignments {modelId, nodeToRunner, runnerToShard}, `topology.nodes` as
+node ids and `topology.connections[src][sink]` as edge lists, `{"RunnerReady": {...}}`
+statuses, `{"inBytes": n}` sizes) are declared here, by their snake_case field names with
+camelCase aliases, so both the node that writes them and the tools that read them use one type.
+Every field has a default, so a partial document from an older node still validates. The
+translations are pure functions: reports in, exo's shapes out (tests/test_exo_api.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+
+from shoal.schema.report import DownloadState, HeldModel, InstanceSpec, NodeReport, RunnerState
 
 T = TypeVar("T", bound=BaseModel)
 SHARD_META = {"pipeline": "PipelineShardMetadata", "tensor": "TensorShardMetadata"}
@@ -34,6 +48,34 @@ class CamelDocument(BaseModel):
 # ---- the instance document: {meta: body} -----------------------------------------------------
 
 
+class ByteSize(CamelDocument):
+    """exo's `Memory`: a size as `{"inBytes": n}`."""
+
+    in_bytes: int = 0
+
+
+def memory(n: int | None) -> dict[str, int]:
+    return {"inBytes": int(n or 0)}
+
+
+class ModelCardDoc(CamelDocument):
+    """exo's model card as an instance's shards and a node's downloads carry it."""
+
+    model_id: str = ""
+    storage_size: ByteSize = ByteSize()
+    n_layers: int = 0
+    hidden_size: int = 0
+    num_key_value_heads: int = 0
+    supports_tensor: bool = False
+    tasks: tuple[str, ...] = ("TextGeneration",)
+    context_length: int = 0
+    family: str = ""  # shoal: the architecture (model_type)
+    quantization: str = ""
+    base_model: str = ""
+    capabilities: tuple[str, ...] = ("text",)
+    backends: tuple[str, ...] = ()  # shoal's backends (gloo, nccl, ring, jaccl)
+
+
 class ShardMetadata(CamelDocument):
     model_id: str | None = None
     device_rank: int = 0
@@ -41,6 +83,7 @@ class ShardMetadata(CamelDocument):
     start_layer: int | None = None
     end_layer: int | None = None
     n_layers: int | None = None
+    model_card: ModelCardDoc | None = None  # exo reads the model id from here
 
 
 class HostPort(CamelDocument):
@@ -52,6 +95,14 @@ class RunnerStatus(CamelDocument):
     status: str = "?"
     reason: str | None = None
     since: float | None = None
+
+
+class ShardAssignments(CamelDocument):
+    """exo's `shardAssignments`: the same runners and shards as the body's own keys."""
+
+    model_id: str | None = None
+    node_to_runner: dict[str, str] = Field(default_factory=dict)
+    runner_to_shard: dict[str, dict[str, ShardMetadata]] = Field(default_factory=dict)
 
 
 class InstanceBody(CamelDocument):
@@ -68,6 +119,21 @@ class InstanceBody(CamelDocument):
     created_at: float | None = None
     generation: int = 0
     placed_because: str = ""
+    shard_assignments: ShardAssignments | None = None  # exo's nesting of the three above
+    ephemeral_port: int | None = None  # exo: the port the group meets on (our store port)
+    jaccl_devices: tuple[tuple[str | None, ...], ...] | None = None  # MlxJaccl: [i][j] device
+    jaccl_coordinators: dict[str, str] | None = None  # MlxJaccl: node -> rank 0's host:port
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exo_nesting(cls, data: Any) -> Any:
+        """exo's document has the runners only under shardAssignments: read them from there."""
+        if isinstance(data, dict) and isinstance(data.get("shardAssignments"), dict):
+            nested = data["shardAssignments"]
+            for key in ("modelId", "nodeToRunner", "runnerToShard"):
+                if key not in data and key in nested:
+                    data = {**data, key: nested[key]}
+        return data
 
     def shard(self, runner_id: str) -> ShardMetadata:
         """The runner's shard, whatever its meta key; an empty one for an unknown runner."""
@@ -95,6 +161,53 @@ class _PostedBody(CamelDocument):
     runner_to_shard: dict[str, dict[str, dict[str, Any]]]  # {runner: {shard kind: fields}}
 
 
+# exo's InstanceMeta values, and the instance meta names they stand for
+EXO_META = {"mlxring": "MlxRingInstance", "mlxjaccl": "MlxJacclInstance"}
+INSTANCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
+
+
+def meta_name(text: str | None) -> str | None:
+    """exo's instance_meta values (MlxRing, MlxJaccl) as the meta names they stand for;
+    anything else unchanged (placement.plan.parse_meta judges it)."""
+    if text is None:
+        return None
+    return EXO_META.get(text.strip().lower(), text)
+
+
+def _choices_of(body: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
+    """The body's modelId/nodeToRunner/runnerToShard: shoal's top-level keys, else exo's
+    `shardAssignments` (whose model id may also sit only in a shard's modelCard)."""
+    if "nodeToRunner" in body or not isinstance(body.get("shardAssignments"), dict):
+        return body, where
+    nested = dict(body["shardAssignments"])
+    if "modelId" not in nested:
+        cards = [
+            fields.get("modelCard", {}).get("modelId")
+            for shard in (nested.get("runnerToShard") or {}).values()
+            if isinstance(shard, dict)
+            for fields in shard.values()
+            if isinstance(fields, dict) and isinstance(fields.get("modelCard"), dict)
+        ]
+        nested["modelId"] = cards[0] if cards else body.get("modelId")
+    return nested, f"{where}.shardAssignments"
+
+
+def posted_instance_id(doc: Any) -> str | None:
+    """The instanceId a posted {meta: body} names (None: placement picks one); ValueError if
+    it is not a short id of letters, digits and . _ : - (runner ids and URLs are built on it)."""
+    if not isinstance(doc, dict) or len(doc) != 1:
+        return None
+    body = next(iter(doc.values()))
+    iid = body.get("instanceId") if isinstance(body, dict) else None
+    if iid is None:
+        return None
+    if not isinstance(iid, str) or not 0 < len(iid) <= 128 or not set(iid) <= INSTANCE_ID_CHARS:
+        raise ValueError(
+            f"instanceId must be 1-128 letters, digits or . _ : - (e.g. a UUID), got {iid!r}"
+        )
+    return iid
+
+
 def _validated(model: type[T], data: Any, where: str) -> T:
     """`data` as `model`, or ValueError naming the first wrong field by its wire path."""
     try:
@@ -118,7 +231,8 @@ def posted_choices(doc: Any) -> tuple[str, str, str, list[str]]:
     ((meta, body),) = doc.items()
     if not isinstance(body, dict):
         raise ValueError(f"instance.{meta} must be an object")
-    posted = _validated(_PostedBody, body, f"instance.{meta}")
+    fields, where = _choices_of(body, f"instance.{meta}")
+    posted = _validated(_PostedBody, fields, where)
     ranked, shardings = [], set()
     for node, rid in posted.node_to_runner.items():
         shard = posted.runner_to_shard.get(rid, {})
@@ -128,8 +242,8 @@ def posted_choices(doc: Any) -> tuple[str, str, str, list[str]]:
         if kind not in SHARDING_OF_META:
             raise ValueError(f"runner {rid!r}: unknown shard kind {kind!r}")
         shardings.add(SHARDING_OF_META[kind])
-        where = f"instance.{meta}.runnerToShard.{rid}.{kind}"
-        ranked.append((_validated(_PostedShard, fields, where).device_rank, node))
+        at = f"{where}.runnerToShard.{rid}.{kind}"
+        ranked.append((_validated(_PostedShard, fields, at).device_rank, node))
     if len(shardings) != 1:
         raise ValueError("every runner of an instance must use the same sharding")
     ranks = sorted(rank for rank, _ in ranked)
@@ -138,7 +252,9 @@ def posted_choices(doc: Any) -> tuple[str, str, str, list[str]]:
     return meta, posted.model_id, shardings.pop(), [node for _, node in sorted(ranked)]
 
 
-# ---- /state's topology -----------------------------------------------------------------------
+# ---- the topology cluster.view.state_document builds (exo's older shape) ---------------------
+# nodes [{nodeId, nodeProfile}] and a list of connections; /state serves exo's current shape
+# (below), translated from it by `exo_topology`, with every measurement kept on the edges.
 
 
 class Memory(CamelDocument):
@@ -188,3 +304,374 @@ class Connection(CamelDocument):
 class Topology(CamelDocument):
     nodes: tuple[TopologyNode, ...] = ()
     connections: tuple[Connection, ...] = ()
+
+
+# ---- /state's topology, exo's current shape -------------------------------------------------
+
+
+class Multiaddr(BaseModel):
+    """An edge's sink address as exo serialises its Multiaddr (snake_case computed fields)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    address: str  # /ip4/10.0.0.2/tcp/52415
+    address_type: str = "ip4"
+    ip_address: str = ""
+    port: int = 0
+
+
+class SocketEdge(CamelDocument):
+    """exo's SocketConnection {sinkMultiaddr}, with shoal's measurements of the path beside it."""
+
+    sink_multiaddr: Multiaddr
+    local_multiaddr: str | None = None
+    interface_kind: str = "other"
+    rtt_ms: float | None = None
+    one_way: bool = False
+    recorded_by: tuple[str, ...] = ()  # "node:direction"
+
+
+class RdmaEdge(CamelDocument):
+    """exo's RDMAConnection (shoal writes none: its RDMA paths show in /cluster/links)."""
+
+    source_rdma_iface: str
+    sink_rdma_iface: str
+
+
+class ExoTopology(CamelDocument):
+    """{nodes: [node id], connections: {source: {sink: [edge]}}}."""
+
+    nodes: tuple[str, ...] = ()
+    connections: dict[str, dict[str, tuple[SocketEdge | RdmaEdge, ...]]] = Field(
+        default_factory=dict
+    )
+
+
+def parse_multiaddr(text: str | None) -> Multiaddr | None:
+    """'/ip4/10.0.0.2/tcp/52415' -> its parts; None for anything that is not /ipN|dns/host."""
+    parts = (text or "").split("/")
+    if len(parts) < 3 or parts[0] or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6"):
+        return None
+    port = 0
+    if len(parts) >= 5 and parts[3] == "tcp" and parts[4].isdigit():
+        port = int(parts[4])
+    return Multiaddr(address=text or "", address_type=parts[1], ip_address=parts[2], port=port)
+
+
+def exo_topology(old: Topology | Mapping[str, Any]) -> dict[str, Any]:
+    """The view's topology (node profiles, a list of connections) in exo's current shape."""
+    topo = old if isinstance(old, Topology) else Topology.model_validate(old)
+    connections: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for c in topo.connections:
+        sink = parse_multiaddr(c.send_back_multiaddr)
+        if sink is None:  # exo's edge is its sink address: without one there is no edge
+            continue
+        edge = SocketEdge(
+            sink_multiaddr=sink,
+            local_multiaddr=c.local_multiaddr,
+            interface_kind=c.interface_kind,
+            rtt_ms=c.rtt_ms,
+            one_way=c.one_way,
+            recorded_by=tuple(c.recorded_by),
+        )
+        by_sink = connections.setdefault(c.local_node_id, {})
+        by_sink.setdefault(c.send_back_node_id, []).append(edge.wire())
+    return {"nodes": [n.node_id for n in topo.nodes], "connections": connections}
+
+
+# ---- /state's per-node maps, from each node's report ----------------------------------------
+
+DEVICE_SEPARATOR = " · "  # cluster.machine.SEPARATOR: "MacBookPro18,2 · Apple M1 Max"
+INTERFACE_TYPES = {"thunderbolt": "thunderbolt", "ethernet": "ethernet", "wifi": "wifi"}
+
+
+class NodeIdentity(CamelDocument):
+    model_id: str = "unknown"  # the machine: "MacBookPro18,2", a DMI product name
+    chip_id: str = "unknown"  # "Apple M1 Max", the CPU's model name, or the first GPU's
+    friendly_name: str = ""
+    shoal_version: str = ""
+
+
+class NodeMemory(CamelDocument):
+    """RAM only: shoal's reports carry no swap figures, so exo's swap keys are left out."""
+
+    ram_total: ByteSize = ByteSize()
+    ram_available: ByteSize = ByteSize()
+
+
+class NodeDisk(CamelDocument):
+    total: ByteSize = ByteSize()
+    available: ByteSize = ByteSize()
+
+
+class NodeSystem(CamelDocument):
+    """exo's pcpuUsage as a 0..1 share of the CPUs; GPU usage, temperature and power are not
+    measured by shoal and left out."""
+
+    pcpu_usage: float = 0.0
+    cpu_count: int = 0
+    cpu_percent: float = 0.0
+    gpus: tuple[dict[str, Any], ...] = ()  # shoal's GpuInfo, snake_case as reports carry it
+
+
+class InterfaceAddress(CamelDocument):
+    name: str = ""
+    ip_address: str = ""
+    interface_type: str = "unknown"  # exo's: thunderbolt | ethernet | wifi | unknown
+    kind: str = "other"  # shoal's own kind (loopback, vpn, bridge, veth, ...)
+
+
+class NodeNetwork(CamelDocument):
+    interfaces: tuple[InterfaceAddress, ...] = ()
+
+
+def _split_device(r: NodeReport) -> tuple[str, str]:
+    model, _, chip = r.resources.device.partition(DEVICE_SEPARATOR)
+    return model, chip
+
+
+def node_identity(r: NodeReport) -> dict[str, Any]:
+    model, chip = _split_device(r)
+    gpu = r.resources.gpus[0].name if r.resources.gpus else ""
+    return NodeIdentity(
+        model_id=model or "unknown",
+        chip_id=chip or gpu or "unknown",
+        friendly_name=r.name or r.node_id,
+        shoal_version=r.version,
+    ).wire()
+
+
+def node_memory(r: NodeReport) -> dict[str, Any]:
+    res = r.resources
+    return NodeMemory(
+        ram_total=ByteSize(in_bytes=res.ram_total),
+        ram_available=ByteSize(in_bytes=res.ram_available),
+    ).wire()
+
+
+def node_disk(r: NodeReport) -> dict[str, Any] | None:
+    """Where the node's downloads land; None for a node without a model store."""
+    if r.store is None:
+        return None
+    return NodeDisk(
+        total=ByteSize(in_bytes=r.store.disk_total), available=ByteSize(in_bytes=r.store.disk_free)
+    ).wire()
+
+
+def node_system(r: NodeReport) -> dict[str, Any]:
+    res = r.resources
+    return NodeSystem(
+        pcpu_usage=round(res.cpu_percent / 100.0, 4),
+        cpu_count=res.cpu_count,
+        cpu_percent=res.cpu_percent,
+        gpus=tuple(g.model_dump(mode="json") for g in res.gpus),
+    ).wire()
+
+
+def node_network(r: NodeReport) -> dict[str, Any]:
+    return NodeNetwork(
+        interfaces=tuple(
+            InterfaceAddress(
+                name=i.name,
+                ip_address=a.split("/")[0],
+                interface_type=INTERFACE_TYPES.get(str(i.kind), "unknown"),
+                kind=str(i.kind),
+            )
+            for i in r.interfaces
+            for a in i.addresses
+        )
+    ).wire()
+
+
+def node_maps(reports: Iterable[NodeReport]) -> dict[str, dict[str, Any]]:
+    """/state's per-node maps by exo's key names, one entry per alive node."""
+    reports = sorted(reports, key=lambda r: r.node_id)
+    disks = {r.node_id: d for r in reports if (d := node_disk(r)) is not None}
+    return {
+        "nodeIdentities": {r.node_id: node_identity(r) for r in reports},
+        "nodeMemory": {r.node_id: node_memory(r) for r in reports},
+        "nodeDisk": disks,
+        "nodeSystem": {r.node_id: node_system(r) for r in reports},
+        "nodeNetwork": {r.node_id: node_network(r) for r in reports},
+        "downloads": {r.node_id: downloads_of(r) for r in reports},
+    }
+
+
+# ---- model cards, downloads, runner statuses ------------------------------------------------
+
+TORCH_BACKENDS = ("gloo", "nccl")
+
+
+def model_card(model_id: str, held: HeldModel | None, storage_bytes: int = 0) -> dict[str, Any]:
+    """exo's card of a model from what a node says it holds (zeros where no node holds it).
+    shoal's torch engine splits every model it loads by heads; mlx only what mlx-lm can."""
+    if held is None:
+        return ModelCardDoc(model_id=model_id, storage_size=ByteSize(in_bytes=storage_bytes)).wire()
+    tensor = bool(set(held.backends) & set(TORCH_BACKENDS)) or "tensor" in held.mlx_layouts
+    return ModelCardDoc(
+        model_id=model_id,
+        storage_size=ByteSize(in_bytes=storage_bytes or held.weight_bytes),
+        n_layers=held.num_layers,
+        hidden_size=held.hidden_size,
+        num_key_value_heads=held.num_kv_heads,
+        supports_tensor=tensor,
+        context_length=held.context_length,
+        family=held.arch,
+        backends=held.backends,
+    ).wire()
+
+
+def _whole_shard(card: dict[str, Any]) -> dict[str, Any]:
+    n = int(card.get("nLayers") or 0)
+    return {
+        "PipelineShardMetadata": {
+            "modelCard": card,
+            "deviceRank": 0,
+            "worldSize": 1,
+            "startLayer": 0,
+            "endLayer": n,
+            "nLayers": n,
+        }  # fmt: skip
+    }
+
+
+def downloads_of(r: NodeReport) -> list[dict[str, Any]]:
+    """exo's download statuses of one node: each model on its disk is DownloadCompleted
+    (size: what its weights take loaded, the number the report carries), each pull in flight
+    DownloadOngoing, each failed one DownloadFailed."""
+    out: list[dict[str, Any]] = []
+    done = set()
+    for held in r.models:
+        card = model_card(held.model_id, held)
+        size = memory(held.weight_bytes)
+        out.append(
+            {
+                "DownloadCompleted": {
+                    "nodeId": r.node_id,
+                    "shardMetadata": _whole_shard(card),
+                    "total": size,
+                    "totalBytes": size,
+                }  # fmt: skip
+            }
+        )
+        done.add(held.model_id)
+    for d in r.store.downloads if r.store is not None else ():
+        base = {"nodeId": r.node_id, "shardMetadata": _whole_shard(model_card(d.model_id, None))}
+        if d.status == "failed":
+            out.append({"DownloadFailed": {**base, "errorMessage": d.error or "failed"}})
+        elif d.status == "done":
+            if d.model_id not in done:
+                size = memory(d.bytes_total)
+                out.append({"DownloadCompleted": {**base, "total": size, "totalBytes": size}})
+        else:
+            out.append({"DownloadOngoing": {**base, "downloadProgress": _progress(d, r.sent_at)}})
+    return out
+
+
+def _progress(d: DownloadState, now: float) -> dict[str, Any]:
+    elapsed = max(now - d.started_at, 0.0) if d.started_at else 0.0
+    speed = d.bytes_done / elapsed if elapsed > 0 else 0.0
+    left = max(d.bytes_total - d.bytes_done, 0)
+    return {
+        "totalBytes": memory(d.bytes_total),
+        "downloadedBytes": memory(d.bytes_done),
+        "downloadedBytesThisSession": memory(d.bytes_done),
+        "completedFiles": d.files_done,
+        "totalFiles": d.files_total,
+        "speed": speed,
+        "etaMs": int(left / speed * 1000) if speed > 0 else 0,
+        "files": {},
+    }
+
+
+# shoal's runner statuses -> exo's RunnerStatus tags
+RUNNER_TAGS = {
+    "idle": "RunnerIdle",
+    "connecting": "RunnerConnecting",
+    "connected": "RunnerConnected",
+    "loading": "RunnerLoading",
+    "loaded": "RunnerLoaded",
+    "warming": "RunnerWarmingUp",
+    "ready": "RunnerReady",
+    "running": "RunnerRunning",
+    "stopping": "RunnerShuttingDown",
+    "stopped": "RunnerShutdown",
+    "failed": "RunnerFailed",
+}
+
+
+def runner_tagged(state: RunnerState) -> dict[str, dict[str, Any]]:
+    """{"RunnerReady": {...}} for one runner: what exo's clients test with `"RunnerReady" in`."""
+    tag = RUNNER_TAGS.get(state.status) or "Runner" + state.status.title().replace("_", "")
+    if tag == "RunnerLoading":
+        loaded, total = state.layers or (0, 0)
+        return {tag: {"layersLoaded": loaded, "totalLayers": total}}
+    if tag == "RunnerReady":
+        return {tag: {"prefillServerPort": None}}
+    if tag == "RunnerFailed":
+        return {tag: {"errorMessage": state.reason, "diagnostics": []}}
+    return {tag: {}}
+
+
+class TaggedRunnerStatus(BaseModel):
+    """The tag keys a /state runner entry may carry beside shoal's own fields."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    runner_idle: dict[str, Any] | None = Field(None, alias="RunnerIdle")
+    runner_connecting: dict[str, Any] | None = Field(None, alias="RunnerConnecting")
+    runner_connected: dict[str, Any] | None = Field(None, alias="RunnerConnected")
+    runner_loading: dict[str, Any] | None = Field(None, alias="RunnerLoading")
+    runner_loaded: dict[str, Any] | None = Field(None, alias="RunnerLoaded")
+    runner_warming_up: dict[str, Any] | None = Field(None, alias="RunnerWarmingUp")
+    runner_ready: dict[str, Any] | None = Field(None, alias="RunnerReady")
+    runner_running: dict[str, Any] | None = Field(None, alias="RunnerRunning")
+    runner_shutting_down: dict[str, Any] | None = Field(None, alias="RunnerShuttingDown")
+    runner_shutdown: dict[str, Any] | None = Field(None, alias="RunnerShutdown")
+    runner_failed: dict[str, Any] | None = Field(None, alias="RunnerFailed")
+
+    @model_serializer(mode="wrap")
+    def _present_tags_only(self, handler: Any) -> dict[str, Any]:
+        """Only the runner's own tag is a key: clients test `"RunnerReady" in runner`."""
+        out = handler(self)
+        for name, field in TaggedRunnerStatus.model_fields.items():
+            for key in (name, field.alias):
+                if key in out and out[key] is None:
+                    del out[key]
+        return out
+
+
+# ---- instance documents: exo's keys beside shoal's ------------------------------------------
+
+
+def exo_instance(
+    document: Mapping[str, Any],
+    spec: InstanceSpec | None = None,
+    cards: Mapping[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A {meta: body} from placement.plan.instance_document with exo's keys added: each
+    shard's modelCard, shardAssignments {modelId, nodeToRunner, runnerToShard} and
+    ephemeralPort, and for a JACCL instance its devices matrix and coordinators."""
+    if not document:
+        return dict(document)
+    ((meta, raw),) = document.items()
+    body = dict(raw)
+    model_id = body.get("modelId") or ""
+    card = (cards or {}).get(model_id) or model_card(model_id, None)
+    shards = {
+        rid: {kind: {**fields, "modelCard": card} for kind, fields in shard.items()}
+        for rid, shard in (body.get("runnerToShard") or {}).items()
+    }
+    body["runnerToShard"] = shards
+    body["shardAssignments"] = {
+        "modelId": model_id,
+        "nodeToRunner": dict(body.get("nodeToRunner") or {}),
+        "runnerToShard": shards,
+    }
+    if spec is not None:
+        body["ephemeralPort"] = spec.store_port
+        if spec.backend == "jaccl":
+            body["jacclDevices"] = [list(row) for row in spec.rdma_devices]
+            coordinator = f"{spec.store_address}:{spec.store_port}"
+            body["jacclCoordinators"] = {node: coordinator for node in spec.nodes}
+    return {meta: InstanceBody.model_validate(body).wire()}
