@@ -22,6 +22,7 @@ from shoal.schema.exo import (
     NodeNetwork,
     NodeSystem,
     TaggedRunnerStatus,
+    Topology,
     instance_body,
 )
 from shoal.schema.report import NodeReport, PathStats, RunnerState, StoreState
@@ -200,6 +201,9 @@ class StateRunner(RunnerState, TaggedRunnerStatus):
     instance_id: str = ""
 
 
+EXO_FIELDS = (
+    "node_identities", "node_memory", "node_disk", "node_system", "node_network", "downloads",
+)  # fmt: skip
 # present only where the node runs a controller; absent (not null) elsewhere
 CONTROLLER_FIELDS = (
     "instances", "runners", "alerts", "preflight", "instance_paths", "models", "hints",
@@ -213,13 +217,16 @@ class StateDocument(Document):
     links, drift, refused) and, on a node with a controller, its instances, runners, alerts,
     preflight, models and history."""
 
-    topology: ExoTopology = ExoTopology()
-    node_identities: dict[str, NodeIdentity] = Field(default_factory=dict, alias="nodeIdentities")
-    node_memory: dict[str, NodeMemory] = Field(default_factory=dict, alias="nodeMemory")
-    node_disk: dict[str, NodeDisk] = Field(default_factory=dict, alias="nodeDisk")
-    node_system: dict[str, NodeSystem] = Field(default_factory=dict, alias="nodeSystem")
-    node_network: dict[str, NodeNetwork] = Field(default_factory=dict, alias="nodeNetwork")
-    downloads: dict[str, tuple[dict[str, Any], ...]] = Field(default_factory=dict)
+    # /state serves exo's current shape; cluster.view.state_document, before the route
+    # translates it (schema.exo.exo_topology), the older one of node profiles
+    topology: ExoTopology | Topology = ExoTopology()
+    # exo's per-node maps (schema.exo.node_maps): None, and absent, before the route adds them
+    node_identities: dict[str, NodeIdentity] | None = Field(None, alias="nodeIdentities")
+    node_memory: dict[str, NodeMemory] | None = Field(None, alias="nodeMemory")
+    node_disk: dict[str, NodeDisk] | None = Field(None, alias="nodeDisk")
+    node_system: dict[str, NodeSystem] | None = Field(None, alias="nodeSystem")
+    node_network: dict[str, NodeNetwork] | None = Field(None, alias="nodeNetwork")
+    downloads: dict[str, tuple[dict[str, Any], ...]] | None = None
     self_id: str | None = Field(None, alias="self")
     leader: str | None = None
     nodes: tuple[NodeRow, ...] = ()
@@ -239,9 +246,10 @@ class StateDocument(Document):
     @model_serializer(mode="wrap")
     def _controller_parts_only_when_present(self, handler: Any) -> dict[str, Any]:
         out = handler(self)
-        for name in CONTROLLER_FIELDS:
-            if out.get(name, ...) is None:
-                del out[name]
+        for name in CONTROLLER_FIELDS + EXO_FIELDS:
+            for key in (name, type(self).model_fields[name].alias):
+                if key and out.get(key, ...) is None:
+                    del out[key]
         return out
 
     @classmethod
