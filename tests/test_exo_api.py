@@ -719,6 +719,8 @@ def test_an_exo_shaped_post_keeps_its_instance_id(pair: Pair) -> None:
     assert posted.status_code == 200, posted.text
     assert posted.json()["instance_id"] == "exo-posted-1"
     try:
+        wait_for("the posted instance in a's plan", lambda: pair.json(
+            "a", "/state/instances/exo-posted-1") is not None, timeout=20)  # fmt: skip
         doc = pair.json("a", "/state/instances/exo-posted-1")
         assert doc is not None and doc[meta]["instanceId"] == "exo-posted-1"
         again = httpx.post(pair.url("a", "/instance"), json={"instance": {meta: exo_body}},
