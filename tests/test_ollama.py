@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from shoal import __version__
 from shoal.api import ollama as api
+from shoal.api import upstream
 from shoal.api.upstream import UpstreamError
 from shoal.models.bundled import BUNDLED_MODEL_ID as MODEL
 from shoal.models.bundled import bundled_model_path
@@ -212,6 +214,11 @@ def test_chat_bodies_of_a_wrong_shape_are_refused(body: dict):
 def test_ollama_streams_unless_told_not_to():
     assert ChatRequest.model_validate({"model": MODEL}).stream is True
     assert GenerateRequest.model_validate({"model": MODEL, "stream": False}).stream is False
+
+
+def test_a_null_means_the_default():
+    nulls = {"model": MODEL, "stream": None, "options": None, "messages": None, "tools": None}
+    assert ChatRequest.model_validate(nulls) == ChatRequest.model_validate({"model": MODEL})
 
 
 @pytest.mark.parametrize("format", [None, ""])
@@ -510,15 +517,65 @@ def test_a_refusal_reaches_the_client_as_a_response_error(client: ollama.Client)
     assert client.list().models  # and the node keeps serving
 
 
-def test_a_tool_round_trip(client: ollama.Client):
-    """The tool's answer goes back as Ollama sends it (role "tool", tool_name, no call id)
-    and the model answers in text, after a call in Ollama's shape (arguments an object)."""
+@pytest.fixture(scope="module")
+def called(server: LiveServer) -> list[dict]:
+    """A real call of the model, as /api/chat streams it. Ollama has no tool_choice and the
+    bundled 135M model does not call on its own, so the call is forced upstream (OpenAI's
+    tool_choice) and its chunks go through the same lines /api/chat writes."""
+    forced = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "max_tokens": 40,
+        "temperature": 0,
+    }
+
+    async def lines() -> list[dict]:
+        chunks = upstream.stream(server.node, forced)
+        first = await anext(chunks)
+        out = api._lines(first, chunks, Answer(0), api._chat_render(MODEL))
+        return [json.loads(line) async for line in out]
+
+    return asyncio.run(lines())
+
+
+def test_a_tool_round_trip(client: ollama.Client, called: list[dict]):
+    """The model's call reaches the client in Ollama's shape (arguments an object); the tool's
+    answer goes back as Ollama sends it (role "tool", tool_name, no call id) and the model
+    answers in text."""
+    *_, calling, final = called
+    assert "error" not in final, final
+    parsed = ollama.ChatResponse(**calling)  # what the client makes of the line
+    (call,) = parsed.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+    assert final["done"] and final["done_reason"] == "stop" and final["eval_count"] > 0
     history = [
         {"role": "user", "content": "What is the weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", city="Paris")]},
+        parsed.message,
         {"role": "tool", "tool_name": "get_weather", "content": '{"sky": "sunny", "celsius": 21}'},
     ]
     answer = client.chat(
         model=MODEL, messages=history, tools=[WEATHER], options=GREEDY, stream=False
     )
-    assert answer.done and answer.message.content and answer.eval_count > 0
+    assert answer.done and answer.message.content and not answer.message.tool_calls
+
+
+def test_a_client_that_goes_away_mid_stream_frees_the_slot(server: LiveServer):
+    # Counting on from "5," runs to the token limit (1500: minutes here), so only the
+    # disconnect can end it within the wait below.
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "raw": True,
+            "options": {"temperature": 0, "num_predict": 1500}}  # fmt: skip
+    tokens_before = server.runner_status()["tokens"]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/api/generate", json=body) as response:
+            assert response.headers["content-type"].startswith("application/x-ndjson")
+            lines = response.iter_lines()
+            assert json.loads(next(lines))["done"] is False
+            assert server.runner_status()["in_flight"] == 1
+            del lines  # the client goes away here
+    deadline = time.monotonic() + 5
+    while server.runner_status()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.runner_status()["in_flight"] == 0
+    assert server.runner_status()["tokens"] - tokens_before < 1500

@@ -33,6 +33,11 @@ def _stop_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _or(default: Any) -> BeforeValidator:
+    """A JSON null means the default, as in Ollama (its Go fields are pointers)."""
+    return BeforeValidator(lambda v: default() if v is None else v)
+
+
 class Options(_Body):
     """The `options` Ollama applies per request; the ones shoal's sampler has are mapped."""
 
@@ -79,14 +84,14 @@ class Tool(_Body):
 
 class _Generation(_Body):
     model: str = Field(min_length=1)
-    stream: bool = True  # Ollama streams unless told not to
+    stream: Annotated[bool, _or(lambda: True)] = True  # Ollama streams unless told not to
     format: str | dict[str, Any] | None = None
-    options: Options = Field(default_factory=Options)
+    options: Annotated[Options, _or(dict)] = Field(default_factory=Options)
 
 
 class ChatRequest(_Generation):
-    messages: list[Message] = Field(default_factory=list)
-    tools: list[Tool] = Field(default_factory=list)
+    messages: Annotated[list[Message], _or(list)] = Field(default_factory=list)
+    tools: Annotated[list[Tool], _or(list)] = Field(default_factory=list)
 
 
 class GenerateRequest(_Generation):
