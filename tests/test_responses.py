@@ -643,55 +643,84 @@ def test_store_false_is_not_kept(client: openai.OpenAI) -> None:
     assert caught.value.body["param"] == "previous_response_id"
 
 
-def _tool_calling_landed(response: Response) -> None:
-    if not any(item.type == "function_call" for item in response.output):
-        pytest.xfail("the runner does not call tools yet (chat tool calling not landed)")
+WEATHER_ASK = "What is the weather in Paris?"
+CALL_TOKENS = 64  # a forced call is ~46 tokens of JSON from this model: 24 would cut it off
+CHAT_WEATHER_TOOL = {
+    "type": "function",
+    "function": {k: v for k, v in WEATHER_TOOL.items() if k != "type"},
+}
 
 
-@pytest.mark.xfail(reason="needs the runner's chat tool calling", strict=False)
+def forced_call(client: openai.OpenAI) -> Response:
+    return ask(
+        client, input=WEATHER_ASK, tools=[WEATHER_TOOL], tool_choice=FORCED,
+        max_output_tokens=CALL_TOKENS,
+    )  # fmt: skip
+
+
 def test_function_tool_round_trip(client: openai.OpenAI) -> None:
-    response = ask(
-        client,
-        input="What is the weather in Paris?",
-        tools=[WEATHER_TOOL],
-        tool_choice=FORCED,
-        max_output_tokens=24,
-    )
-    _tool_calling_landed(response)
-    [called] = [item for item in response.output if item.type == "function_call"]
+    response = forced_call(client)
+    assert response.status == "completed", response.output
+    [called] = response.output
+    assert called.type == "function_call" and called.status == "completed"
     assert called.name == "get_weather" and called.call_id and called.id.startswith("fc_")
     assert isinstance(json.loads(called.arguments), dict)
+    assert response.output_text == ""  # a call only: no message item
+    result = '{"sky": "sunny", "celsius": 21}'
     answer = ask(
         client,
         previous_response_id=response.id,
-        input=[
-            {"type": "function_call_output", "call_id": called.call_id, "output": '{"temp": 21}'}
-        ],
+        input=[{"type": "function_call_output", "call_id": called.call_id, "output": result}],
         tools=[WEATHER_TOOL],
-        max_output_tokens=12,
+        tool_choice="none",
+        max_output_tokens=16,
     )
-    assert answer.status in ("completed", "incomplete")
-    assert answer.output_text.strip()
-    assert answer.usage.input_tokens > response.usage.input_tokens
-
-
-@pytest.mark.xfail(reason="needs the runner's chat tool calling", strict=False)
-def test_streamed_function_call(client: openai.OpenAI) -> None:
-    with client.responses.stream(
+    assert answer.output_text.strip() and answer.output[0].type == "message"
+    # The model saw the whole exchange: exactly the chat conversation with the call and result.
+    chat = client.chat.completions.create(
         model=MODEL,
-        input="What is the weather in Paris?",
-        tools=[WEATHER_TOOL],
-        tool_choice=FORCED,
-        temperature=0,
-        max_output_tokens=24,
-    ) as stream:
-        types = [event.type for event in stream]
+        messages=[
+            {"role": "user", "content": WEATHER_ASK},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": called.call_id,
+                        "type": "function",
+                        "function": {"name": called.name, "arguments": called.arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": called.call_id, "content": result},
+        ],
+        tools=[CHAT_WEATHER_TOOL],
+        tool_choice="none",
+        max_tokens=1,
+    )
+    assert answer.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_streamed_function_call_matches_the_whole_one(client: openai.OpenAI) -> None:
+    with client.responses.stream(
+        model=MODEL, input=WEATHER_ASK, tools=[WEATHER_TOOL], tool_choice=FORCED,
+        temperature=0, max_output_tokens=CALL_TOKENS,
+    ) as stream:  # fmt: skip
+        events = list(stream)
         final = stream.get_final_response()
-    _tool_calling_landed(final)
-    assert "response.function_call_arguments.done" in types
-    [called] = [item for item in final.output if item.type == "function_call"]
-    assert called.name == "get_weather"
-    assert isinstance(json.loads(called.arguments), dict)
+    types = [event.type for event in events]
+    assert types[2] == "response.output_item.added" and events[2].item.type == "function_call"
+    assert types[-3:] == [
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    [called] = final.output
+    whole = forced_call(client).output[0]
+    assert (
+        (called.name, called.arguments) == (whole.name, whole.arguments) == ("get_weather", deltas)
+    )
 
 
 GOOD = {"model": MODEL, "input": FRANCE, "max_output_tokens": 2}
@@ -703,6 +732,7 @@ GOOD = {"model": MODEL, "input": FRANCE, "max_output_tokens": 2}
         ({"input": FRANCE}, 400, "model"),
         ({"model": MODEL}, 400, "input"),
         ({**GOOD, "input": 5}, 400, "input"),
+        ({**GOOD, "input": []}, 400, "input"),
         ({**GOOD, "input": [{"type": "reasoning", "summary": []}]}, 400, "input[0]"),
         ({**GOOD, "input": [{"role": "robot", "content": "x"}]}, 400, None),
         ({**GOOD, "input": [{"role": "user", "content": [IMAGE]}]}, 400, "input[0].content[0]"),

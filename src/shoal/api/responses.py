@@ -534,6 +534,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
             )
         history = previous.conversation
     chat = chat_request(body, history)
+    if not chat["messages"]:
+        raise invalid_request("input holds no items (and there are no instructions).", "input")
     base = skeleton(body, new_id("resp"), int(time.time()))
     host = request.app.state.host
 
