@@ -12,7 +12,7 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -284,6 +284,7 @@ async def show(request: Request) -> Response:
 
 # ---- generation: chat and generate ----------------------------------------------------------
 
+Chunks = AsyncGenerator[dict[str, Any], None]
 Render = Callable[[str, list[dict[str, Any]] | None, bool], dict[str, Any]]
 
 
@@ -314,9 +315,7 @@ def _loaded(render: Render, stream: bool) -> Response:
     return Response(_line(obj), media_type=NDJSON if stream else "application/json")
 
 
-async def _answer(
-    chunks: AsyncIterator[dict[str, Any]], render: Render, stream: bool, started: int
-) -> Response:
+async def _answer(chunks: Chunks, render: Render, stream: bool, started: int) -> Response:
     """The runner's chunks as Ollama's answer. The first chunk is awaited before any header is
     sent, so a refusal (bad sampling value, prompt too long) keeps its status."""
     try:
@@ -324,7 +323,7 @@ async def _answer(
     except StopAsyncIteration:
         first = {}
     except BaseException:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()
         raise
     answer = Answer(started)
     if not stream:
@@ -336,13 +335,13 @@ async def _answer(
         except ValueError as exc:  # tool call arguments that are not an object
             raise OllamaError(502, str(exc)) from None
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
         return JSONResponse({**render("".join(answer.text), calls, True), **answer.stats()})
     return StreamingResponse(_lines(first, chunks, answer, render), media_type=NDJSON)
 
 
 async def _lines(
-    first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], answer: Answer, render: Render
+    first: dict[str, Any], chunks: Chunks, answer: Answer, render: Render
 ) -> AsyncIterator[bytes]:
     async def all_chunks() -> AsyncIterator[dict[str, Any]]:
         yield first
@@ -362,7 +361,7 @@ async def _lines(
     except (UpstreamError, ValueError) as exc:  # headers are out: the error is the last line
         yield _line({"error": getattr(exc, "message", None) or str(exc)})
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()
 
 
 @router.post("/chat")
@@ -417,7 +416,7 @@ async def generate(request: Request) -> Response:
 COMPLETIONS_PATH = "/v1/completions"
 
 
-async def _text_completions(host: ModelHost, body: dict[str, Any]) -> AsyncIterator[dict]:
+async def _text_completions(host: ModelHost, body: dict[str, Any]) -> Chunks:
     """upstream.stream's pattern for the runner's text completions (raw prompts)."""
     try:
         url = await proxy.endpoint_for(host, str(body["model"]))
