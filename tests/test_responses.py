@@ -16,6 +16,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from shoal.api import responses as rs
+from shoal.api import responses_translate as rt
 from shoal.api.upstream import UpstreamError
 from shoal.models.bundled import BUNDLED_MODEL_ID as MODEL
 from shoal.schema.responses import ResponsesRequest
@@ -48,7 +49,7 @@ def request(**fields: Any) -> ResponsesRequest:
     return ResponsesRequest.model_validate({"model": "m", "input": "hi", **fields})
 
 
-def counter_ids() -> rs.NewId:
+def counter_ids() -> rt.NewId:
     """Deterministic ids (msg_1, fc_2, ...) so tables can spell whole items."""
     numbers = itertools.count(1)
     return lambda prefix: f"{prefix}_{next(numbers)}"
@@ -138,7 +139,7 @@ def call(call_id: str, name: str, arguments: str) -> dict:
 )
 def test_input_items_become_chat_messages(instructions, items, messages) -> None:
     body = request(input=items, instructions=instructions)
-    assert rs.chat_messages(body.instructions, body.input) == messages
+    assert rt.chat_messages(body.instructions, body.input) == messages
 
 
 def test_chat_request_carries_options_history_and_tools() -> None:
@@ -153,7 +154,7 @@ def test_chat_request_carries_options_history_and_tools() -> None:
         tool_choice=FORCED,
         parallel_tool_calls=False,
     )
-    assert rs.chat_request(body, history) == {
+    assert rt.chat_request(body, history) == {
         "model": "m",
         "messages": [
             {"role": "system", "content": "sys"},
@@ -177,7 +178,7 @@ def test_chat_request_carries_options_history_and_tools() -> None:
         "parallel_tool_calls": False,
     }
     # Without tools no tool fields at all; unset sampling options are left to the runner.
-    assert rs.chat_request(request()) == {
+    assert rt.chat_request(request()) == {
         "model": "m",
         "messages": [{"role": "user", "content": "hi"}],
     }
@@ -214,14 +215,14 @@ def test_chat_request_carries_options_history_and_tools() -> None:
 )
 def test_unsupported_options_are_refused_by_name(fields: dict, param: str) -> None:
     with pytest.raises(ApiError) as caught:
-        rs.refuse_unsupported(request(**fields))
+        rt.refuse_unsupported(request(**fields))
     assert (caught.value.status, caught.value.param) == (400, param)
     if "input_image" in json.dumps(fields):
         assert "this model takes text only" in caught.value.message
 
 
 def test_plain_text_format_and_known_forced_tool_pass() -> None:
-    rs.refuse_unsupported(
+    rt.refuse_unsupported(
         request(
             text={"format": {"type": "text"}},
             tools=[WEATHER_TOOL],
@@ -242,11 +243,11 @@ def test_plain_text_format_and_known_forced_tool_pass() -> None:
     ],
 )
 def test_finish_reason_gives_status(finish_reason, status, details) -> None:
-    assert rs.status_of(finish_reason) == (status, details)
+    assert rt.status_of(finish_reason) == (status, details)
 
 
 def text_item(item_id: str, text: str, status: str = "completed") -> dict:
-    return rs.message_item(item_id, text, status)
+    return rt.message_item(item_id, text, status)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +263,7 @@ def text_item(item_id: str, text: str, status: str = "completed") -> dict:
         (
             {"role": "assistant", "content": None, "tool_calls": [call("c1", "w", '{"x":1}')]},
             "tool_calls",
-            [rs.call_item("fc_1", "c1", "w", '{"x":1}', "completed")],
+            [rt.call_item("fc_1", "c1", "w", '{"x":1}', "completed")],
         ),
         (
             {
@@ -273,14 +274,14 @@ def text_item(item_id: str, text: str, status: str = "completed") -> dict:
             "tool_calls",
             [
                 text_item("msg_1", "Checking."),
-                rs.call_item("fc_2", "c1", "w", "{}", "completed"),
-                rs.call_item("fc_3", "c2", "v", "{}", "completed"),
+                rt.call_item("fc_2", "c1", "w", "{}", "completed"),
+                rt.call_item("fc_3", "c2", "v", "{}", "completed"),
             ],
         ),
     ],
 )
 def test_chat_message_becomes_output_items(message, finish_reason, items) -> None:
-    assert rs.output_items(message, finish_reason, counter_ids()) == items
+    assert rt.output_items(message, finish_reason, counter_ids()) == items
 
 
 def test_whole_response_is_the_clients_response_type() -> None:
@@ -289,7 +290,7 @@ def test_whole_response_is_the_clients_response_type() -> None:
         "choices": [{"message": {"content": "Paris"}, "finish_reason": "length"}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
     }
-    response = rs.response_of(rs.skeleton(body, "resp_1", 1700000000), completion)
+    response = rt.response_of(rt.skeleton(body, "resp_1", 1700000000), completion)
     parsed = Response.model_validate(response)
     assert (parsed.status, parsed.incomplete_details.reason) == ("incomplete", "max_output_tokens")
     assert parsed.output_text == "Paris"
@@ -401,8 +402,8 @@ def call_delta(index: int, call_id: str = "", name: str = "", args: str = "") ->
     ],
 )
 def test_chunks_become_events(chunks, types, final_status) -> None:
-    base = rs.skeleton(request(), "resp_1", 1700000000)
-    events = rs.stream_events(base, chunks, counter_ids())
+    base = rt.skeleton(request(), "resp_1", 1700000000)
+    events = rt.stream_events(base, chunks, counter_ids())
     assert [e["type"] for e in events] == types
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     for event in events:
@@ -424,15 +425,15 @@ def test_streamed_output_is_the_whole_responses_output() -> None:
         chunk(finish="tool_calls"),
         USAGE,
     ]
-    base = rs.skeleton(request(), "resp_1", 0)
-    streamed = rs.stream_events(base, chunks, counter_ids())[-1]["response"]["output"]
+    base = rt.skeleton(request(), "resp_1", 0)
+    streamed = rt.stream_events(base, chunks, counter_ids())[-1]["response"]["output"]
     message = {"content": "Looking.", "tool_calls": [call("c1", "w", '{"city": "Paris"}')]}
-    assert streamed == rs.output_items(message, "tool_calls", counter_ids())
+    assert streamed == rt.output_items(message, "tool_calls", counter_ids())
 
 
 def test_text_deltas_add_up_to_the_done_text() -> None:
     chunks = [chunk("", role="assistant"), chunk("The "), chunk("capital"), chunk(finish="stop")]
-    events = rs.stream_events(rs.skeleton(request(), "r", 0), chunks)
+    events = rt.stream_events(rt.skeleton(request(), "r", 0), chunks)
     deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     done = next(e for e in events if e["type"] == "response.output_text.done")
     assert deltas == done["text"] == "The capital"
@@ -445,7 +446,7 @@ def test_an_error_mid_stream_is_an_error_event_then_failed() -> None:
         raise UpstreamError(503, "The model's rank 0 went away mid-answer.")
 
     kept: list[dict] = []
-    translator = rs.StreamTranslator(rs.skeleton(request(), "resp_1", 0), counter_ids())
+    translator = rt.StreamTranslator(rt.skeleton(request(), "resp_1", 0), counter_ids())
 
     async def run() -> list[str]:
         source = chunks()
@@ -488,7 +489,7 @@ def test_stored_conversation_is_history_inputs_then_outputs() -> None:
     second = request(input="two")
     history = store.get("r1").conversation
     store.put(stored_response("r2"), history, second.input)
-    messages = rs.chat_messages(None, store.get("r2").conversation)
+    messages = rt.chat_messages(None, store.get("r2").conversation)
     assert messages == [
         {"role": "user", "content": "one"},
         {"role": "assistant", "content": "a"},
