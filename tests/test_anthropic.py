@@ -15,6 +15,8 @@ from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
 from shoal.api import anthropic as an
+from shoal.api import anthropic_translate as at
+from shoal.api.upstream import UpstreamError
 from shoal.models.bundled import BUNDLED_MODEL_ID as MODEL
 from shoal.schema.anthropic import CountTokensRequest, MessagesRequest
 
@@ -108,7 +110,7 @@ def _body(**fields: Any) -> dict[str, Any]:
     ],
 )
 def test_request_translates_to_an_openai_chat(fields: dict, expected: dict) -> None:
-    assert an.to_openai(an.parse(MessagesRequest, _body(**fields))) == expected
+    assert at.to_openai(at.parse(MessagesRequest, _body(**fields))) == expected
 
 
 def test_tool_use_and_results_become_tool_calls_and_tool_messages() -> None:
@@ -152,7 +154,7 @@ def test_tool_use_and_results_become_tool_calls_and_tool_messages() -> None:
             "function": {"name": name, "arguments": json.dumps(arguments)},
         }
 
-    chat = an.to_openai(an.parse(MessagesRequest, body))
+    chat = at.to_openai(at.parse(MessagesRequest, body))
     assert chat["messages"] == [
         {"role": "user", "content": "Weather in Paris and Rome?"},
         {
@@ -189,15 +191,15 @@ def test_tool_use_and_results_become_tool_calls_and_tool_messages() -> None:
     ],
 )
 def test_tool_choice_translates(choice: dict, expected: Any) -> None:
-    chat = an.to_openai(an.parse(MessagesRequest, _body(tools=[WEATHER_TOOL], tool_choice=choice)))
+    chat = at.to_openai(at.parse(MessagesRequest, _body(tools=[WEATHER_TOOL], tool_choice=choice)))
     assert chat["tool_choice"] == expected and chat["tools"] == [OPENAI_WEATHER_TOOL]
     assert "parallel_tool_calls" not in chat
 
 
 def test_count_tokens_asks_for_one_greedy_token_of_the_same_prompt() -> None:
     raw = {"model": MODEL, "system": "S", "messages": [_user(FRANCE)], "tools": [WEATHER_TOOL]}
-    chat = an.to_openai(an.parse(CountTokensRequest, raw), max_tokens=1)
-    full = an.to_openai(an.parse(MessagesRequest, {**raw, "max_tokens": 99}))
+    chat = at.to_openai(at.parse(CountTokensRequest, raw), max_tokens=1)
+    full = at.to_openai(at.parse(MessagesRequest, {**raw, "max_tokens": 99}))
     assert chat == {**full, "max_tokens": 1}
 
 
@@ -265,16 +267,16 @@ def test_count_tokens_asks_for_one_greedy_token_of_the_same_prompt() -> None:
 )
 def test_bad_requests_are_400s_naming_the_field(fields: dict, words: str) -> None:
     raw = {k: v for k, v in _body(**fields).items() if v is not None}
-    with pytest.raises(an.AnthropicError) as caught:
-        an.to_openai(an.parse(MessagesRequest, raw))
+    with pytest.raises(at.AnthropicError) as caught:
+        at.to_openai(at.parse(MessagesRequest, raw))
     assert caught.value.status == 400 and caught.value.type == "invalid_request_error"
     assert words in caught.value.message
 
 
 @pytest.mark.parametrize("raw", [[], "x", None, 3])
 def test_a_body_that_is_not_an_object_is_a_400(raw: Any) -> None:
-    with pytest.raises(an.AnthropicError, match="must be a JSON object"):
-        an.parse(MessagesRequest, raw)
+    with pytest.raises(at.AnthropicError, match="must be a JSON object"):
+        at.parse(MessagesRequest, raw)
 
 
 # ---- response: OpenAI chat -> Messages -------------------------------------------------------
@@ -298,7 +300,7 @@ def test_a_body_that_is_not_an_object_is_a_400(raw: Any) -> None:
 def test_finish_reasons_map_to_stop_reasons(
     finish: str | None, tools: bool, matched: Any, reason: tuple
 ) -> None:
-    assert an.stop_reason(finish, tools, matched, ["END", "\n\n"]) == reason
+    assert at.stop_reason(finish, tools, matched, ["END", "\n\n"]) == reason
 
 
 def _completion(message: dict, finish: str, prompt: int = 7, completion: int = 3) -> dict:
@@ -379,7 +381,7 @@ def _completion(message: dict, finish: str, prompt: int = 7, completion: int = 3
 def test_completion_translates_to_a_message(
     message: dict, finish: str, content: list, reason: str
 ) -> None:
-    out = an.to_message(_completion(message, finish), "my-model", id="msg_1")
+    out = at.to_message(_completion(message, finish), "my-model", id="msg_1")
     assert out == {
         "id": "msg_1",
         "type": "message",
@@ -391,15 +393,15 @@ def test_completion_translates_to_a_message(
         "usage": {"input_tokens": 7, "output_tokens": 3},
     }
     Message.model_validate(out)  # the client's own type accepts it
-    assert an.to_message(_completion(message, finish), "m")["id"].startswith("msg_")
+    assert at.to_message(_completion(message, finish), "m")["id"].startswith("msg_")
 
 
 @pytest.mark.parametrize("arguments", ["{not json", "[1, 2]", '"text"'])
 def test_tool_arguments_that_are_not_an_object_are_an_api_error(arguments: str) -> None:
     call = {"id": "c", "type": "function", "function": {"name": "n", "arguments": arguments}}
     message = {"role": "assistant", "content": None, "tool_calls": [call]}
-    with pytest.raises(an.AnthropicError) as caught:
-        an.to_message(_completion(message, "tool_calls"), "m")
+    with pytest.raises(at.AnthropicError) as caught:
+        at.to_message(_completion(message, "tool_calls"), "m")
     assert caught.value.status == 500 and caught.value.type == "api_error"
 
 
@@ -420,7 +422,7 @@ def test_tool_arguments_that_are_not_an_object_are_an_api_error(arguments: str) 
     ],
 )
 def test_upstream_statuses_map_to_error_types(status: int, type: str) -> None:
-    error = an.AnthropicError.of(an.UpstreamError(status, "why"))
+    error = at.AnthropicError.of(UpstreamError(status, "why"))
     assert error.status == status
     assert error.body() == {"type": "error", "error": {"type": type, "message": "why"}}
 
@@ -586,7 +588,7 @@ def _tool_chunk(index: int, id: str | None = None, name: str | None = None, argu
     ],
 )
 def test_chunks_translate_to_the_event_sequence(chunks: list[dict], events: list[dict]) -> None:
-    out = an.stream_events(chunks, "m", ["END"])
+    out = at.stream_events(chunks, "m", ["END"])
     for event in out:
         if event["type"] == "message_start":
             assert event["message"]["id"].startswith("msg_")
@@ -602,12 +604,12 @@ def test_chunks_translate_to_the_event_sequence(chunks: list[dict], events: list
 def test_an_upstream_failure_mid_stream_is_an_error_event() -> None:
     async def chunks() -> AsyncIterator[dict]:
         yield _chunk({"content": "Par"})
-        raise an.UpstreamError(503, "The model's rank 0 went away mid-answer.")
+        raise UpstreamError(503, "The model's rank 0 went away mid-answer.")
 
     async def frames() -> list[str]:
         stream = chunks()
         first = await anext(stream)
-        return [f async for f in an._events(an.StreamTranslator("m"), first, stream)]
+        return [f async for f in an._events(at.StreamTranslator("m"), first, stream)]
 
     out = asyncio.run(frames())
     names = [f.split("\n", 1)[0] for f in out]
@@ -628,7 +630,7 @@ def test_an_upstream_failure_mid_stream_is_an_error_event() -> None:
 
 
 def test_frames_carry_the_event_name() -> None:
-    frame = an.frame({"type": "message_stop"})
+    frame = at.frame({"type": "message_stop"})
     assert frame == 'event: message_stop\ndata: {"type": "message_stop"}\n\n'
 
 
