@@ -33,15 +33,13 @@ from shoal.schema.exo import (
     InstanceBody,
     downloads_of,
     exo_instance,
-    exo_topology,
     meta_name,
     model_card,
-    node_maps,
-    parse_multiaddr,
     posted_choices,
     posted_instance_id,
     runner_tagged,
 )
+from shoal.schema.exo_state import exo_topology, node_maps, parse_multiaddr
 from shoal.schema.report import (
     DownloadState,
     GpuInfo,

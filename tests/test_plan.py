@@ -176,7 +176,7 @@ def test_instance_document_has_exo_shape_and_round_trips() -> None:
     running = {runner_id("i1", 0): RunnerState(runner_id="i1-g0-r0", instance_id="i1",
                                                 status="ready")}  # fmt: skip
     doc = instance_document(spec, running)
-    (meta, body), = doc.items()
+    ((meta, body),) = doc.items()
     assert meta == "GlooInstance"
     assert body["nodeToRunner"] == {"a": "i1-g0-r0", "b": "i1-g0-r1"}
     shard = body["runnerToShard"]["i1-g0-r1"]["PipelineShardMetadata"]
@@ -213,24 +213,30 @@ def _doc(**body: object) -> dict[str, object]:
         (_doc(runnerToShard={"r0": {"PipelineShardMetadata": {"deviceRank": 0}}}), "no shard"),
         (_doc(runnerToShard={"r0": {"X": {}}, "r1": {"X": {}}}), "unknown shard kind"),
         (
-            _doc(runnerToShard={
-                "r0": {"PipelineShardMetadata": {"deviceRank": 0}},
-                "r1": {"TensorShardMetadata": {"deviceRank": 1}},
-            }),
+            _doc(
+                runnerToShard={
+                    "r0": {"PipelineShardMetadata": {"deviceRank": 0}},
+                    "r1": {"TensorShardMetadata": {"deviceRank": 1}},
+                }
+            ),
             "same sharding",
         ),  # fmt: skip
         (
-            _doc(runnerToShard={
-                "r0": {"PipelineShardMetadata": {"deviceRank": 0}},
-                "r1": {"PipelineShardMetadata": {"deviceRank": "1"}},
-            }),
+            _doc(
+                runnerToShard={
+                    "r0": {"PipelineShardMetadata": {"deviceRank": 0}},
+                    "r1": {"PipelineShardMetadata": {"deviceRank": "1"}},
+                }
+            ),
             "integer",
         ),  # fmt: skip
         (
-            _doc(runnerToShard={
-                "r0": {"PipelineShardMetadata": {"deviceRank": 0}},
-                "r1": {"PipelineShardMetadata": {"deviceRank": 5}},
-            }),
+            _doc(
+                runnerToShard={
+                    "r0": {"PipelineShardMetadata": {"deviceRank": 0}},
+                    "r1": {"PipelineShardMetadata": {"deviceRank": 5}},
+                }
+            ),
             "0..1",
         ),  # fmt: skip
     ],

@@ -28,7 +28,8 @@ from shoal.schema.documents import (
     NodesDocument,
     StateDocument,
 )
-from shoal.schema.exo import exo_topology, node_maps, runner_tagged
+from shoal.schema.exo import runner_tagged
+from shoal.schema.exo_state import exo_topology, node_maps
 from shoal.schema.reasons import event_fields, render
 from shoal.web.errors import ApiError
 

@@ -55,8 +55,6 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
 
-
-
 @dataclass(frozen=True)
 class PlacementRequest:
     model: ModelSpec
@@ -351,9 +349,7 @@ def _store_address(rank0: str, others: list[str], links: _Links) -> str | None:
     return min(common, key=lambda h: (max(rank_key(p[h], links.now) for p in per_node), h))
 
 
-def _ring(
-    rank0: str, others: list[str], links: _Links
-) -> tuple[list[str] | None, list[Reason]]:
+def _ring(rank0: str, others: list[str], links: _Links) -> tuple[list[str] | None, list[Reason]]:
     """The ring order from rank 0 with the smallest slowest hop, or the hops that are missing."""
     if len(others) < MAX_EXHAUSTIVE:
         orders = (list(p) for p in itertools.permutations(others))

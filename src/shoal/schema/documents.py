@@ -13,17 +13,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from shoal.schema.exo import (
+from shoal.schema.exo import InstanceBody, TaggedRunnerStatus, instance_body
+from shoal.schema.exo_state import (
     ExoTopology,
-    InstanceBody,
     NodeDisk,
     NodeIdentity,
     NodeMemory,
     NodeNetwork,
     NodeSystem,
-    TaggedRunnerStatus,
     Topology,
-    instance_body,
 )
 from shoal.schema.report import NodeReport, PathStats, RunnerState, StoreState
 
@@ -218,9 +216,9 @@ class StateDocument(Document):
     preflight, models and history."""
 
     # /state serves exo's current shape; cluster.view.state_document, before the route
-    # translates it (schema.exo.exo_topology), the older one of node profiles
+    # translates it (schema.exo_state.exo_topology), the older one of node profiles
     topology: ExoTopology | Topology = ExoTopology()
-    # exo's per-node maps (schema.exo.node_maps): None, and absent, before the route adds them
+    # exo's per-node maps (schema.exo_state.node_maps): None, and absent, before the route adds them
     node_identities: dict[str, NodeIdentity] | None = Field(None, alias="nodeIdentities")
     node_memory: dict[str, NodeMemory] | None = Field(None, alias="nodeMemory")
     node_disk: dict[str, NodeDisk] | None = Field(None, alias="nodeDisk")
