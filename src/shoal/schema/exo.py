@@ -1,10 +1,10 @@
-"""exo's camelCase wire shapes, in one place: the instance document, /state's exo keys
-(topology, nodeIdentities, nodeMemory, nodeDisk, nodeSystem, nodeNetwork, downloads, tagged
-runner statuses) and the translations from shoal's reports into them.
+"""exo's camelCase wire shapes for instances and what a node holds: the instance document
+({meta: body} with shardAssignments), the reading of a posted instance's choices, model cards,
+download statuses, tagged runner statuses, and `exo_instance`, which adds exo's keys to a
+placed instance's document. /state's topology and per-node maps are in schema.exo_state.
 
 shoal's own documents are snake_case; the parts an exo client reads (`{meta: body}` instance
-documents with shardAssignments {modelId, nodeToRunner, runnerToShard}, `topology.nodes` as
-node ids and `topology.connections[src][sink]` as edge lists, `{"RunnerReady": {...}}`
+documents with shardAssignments {modelId, nodeToRunner, runnerToShard}, `{"RunnerReady": {...}}`
 statuses, `{"inBytes": n}` sizes) are declared here, by their snake_case field names with
 camelCase aliases, so both the node that writes them and the tools that read them use one type.
 Every field has a default, so a partial document from an older node still validates. The
