@@ -16,14 +16,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 from fastapi import APIRouter, Request
-from httpx_sse import EventSource
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from shoal import __version__
-from shoal.api import proxy, upstream
+from shoal.api import upstream
 from shoal.api.host import ModelHost, controller_of, held_models_of, library_of
 from shoal.api.router import ServedCard
 from shoal.api.upstream import UpstreamError
@@ -45,7 +43,7 @@ from shoal.schema.ollama import (
     rfc3339,
 )
 from shoal.schema.report import HeldModel
-from shoal.web.errors import ApiError, field_path
+from shoal.web.errors import field_path
 
 router = APIRouter()
 
@@ -403,7 +401,9 @@ async def generate(request: Request) -> Response:
             "prompt": body.prompt,
             **openai_sampling(body.options, unlimited=card.context_length),
         }
-        return await _answer(_text_completions(host, payload), render, body.stream, started)
+        return await _answer(
+            upstream.stream(host, payload, upstream.COMPLETIONS_PATH), render, body.stream, started
+        )
     system = [{"role": "system", "content": body.system}] if body.system else []
     payload = {
         "model": card.id,
@@ -411,42 +411,6 @@ async def generate(request: Request) -> Response:
         **openai_sampling(body.options),
     }
     return await _answer(upstream.stream(host, payload), render, body.stream, started)
-
-
-COMPLETIONS_PATH = "/v1/completions"
-
-
-async def _text_completions(host: ModelHost, body: dict[str, Any]) -> Chunks:
-    """upstream.stream's pattern for the runner's text completions (raw prompts)."""
-    try:
-        url = await proxy.endpoint_for(host, str(body["model"]))
-    except ApiError as exc:
-        raise UpstreamError.from_api_error(exc) from None
-    payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    request = host.peers.relay.build_request("POST", url + COMPLETIONS_PATH, json=payload)
-    try:
-        response = await host.peers.relay.send(request, stream=True)
-    except httpx.HTTPError as exc:
-        raise UpstreamError(503, f"The model's rank 0 did not answer: {exc}.") from None
-    try:
-        if response.status_code != 200:
-            try:
-                refusal = json.loads(await response.aread())
-            except ValueError:
-                refusal = None
-            raise UpstreamError.of(response.status_code, refusal)
-        async for event in EventSource(response).aiter_sse():
-            if event.data == "[DONE]":
-                return
-            chunk = json.loads(event.data)
-            if "error" in chunk:
-                unavailable = chunk["error"].get("type") == "service_unavailable"
-                raise UpstreamError.of(503 if unavailable else 500, chunk)
-            yield chunk
-    except httpx.HTTPError as exc:
-        raise UpstreamError(503, f"The model's rank 0 went away mid-answer: {exc}.") from None
-    finally:
-        await response.aclose()
 
 
 # ---- anything else under /api ---------------------------------------------------------------

@@ -21,6 +21,7 @@ from shoal.api.host import ModelHost
 from shoal.web.errors import ApiError
 
 CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"  # text completions (raw prompts): chunks of the same kind
 
 
 class UpstreamError(Exception):
@@ -78,14 +79,17 @@ async def complete(host: ModelHost, body: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
-async def stream(host: ModelHost, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """The chunks of one streamed chat completion, usage included in the last one.
+async def stream(
+    host: ModelHost, body: dict[str, Any], path: str = CHAT_PATH
+) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of one streamed chat (or, with COMPLETIONS_PATH, text) completion, usage
+    included in the last one.
 
     Raises UpstreamError before the first chunk if the runner refuses; an error the runner
     sends mid-stream (headers already sent) is raised where it arrives."""
     url = await _base_url(host, str(body.get("model")))
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    request = host.peers.relay.build_request("POST", url + CHAT_PATH, json=payload)
+    request = host.peers.relay.build_request("POST", url + path, json=payload)
     try:
         response = await host.peers.relay.send(request, stream=True)
     except httpx.HTTPError as exc:
