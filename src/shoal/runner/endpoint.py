@@ -207,7 +207,9 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
         )
 
 
-def _tool_use(model: ServedModel, body: ChatCompletionRequest) -> tuple[ToolUse | None, Any]:
+def _tool_use(
+    model: ServedModel, body: ChatCompletionRequest
+) -> tuple[ToolUse | None, Callable[[ServedModel], list[int]]]:
     """The request's tool use, and a prompt builder for it."""
     template = model.tokenizer.chat_template
     renders = template_renders_tools(template)
