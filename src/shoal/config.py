@@ -137,6 +137,18 @@ class RunSettings:
         "browser origins allowed to call the API from their pages (CORS), comma-separated, "
         "e.g. 'http://localhost:5173,https://tools.example'; '*' = any origin; empty = CORS off",
     )
+    # repr=False: a key never lands in a log line or a traceback that prints the settings
+    api_key: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "API keys clients must send (Authorization: Bearer, or x-api-key), "
+            "comma-separated; empty = the API is open (prefer the env var or --api-key-file: "
+            "a command line is visible to every user of the machine)",
+            "choices": (),
+        },
+    )
+    api_key_file: str | None = _flag(None, "file of more API keys, one a line (# comments)")
     suspect_after: float = _flag(2.0, "seconds without a report before a peer is suspect")
     gone_after: float = _flag(4.0, "seconds without a report before a peer is gone")
     paths: Paths = field(default_factory=Paths.from_env)

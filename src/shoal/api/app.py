@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from shoal import __version__
 from shoal.api import (
     anthropic,
+    auth,
     cluster,
     dashboard,
     exo,
@@ -27,7 +28,9 @@ def create_app(host: ModelHost) -> FastAPI:
     app = FastAPI(title="shoal", version=__version__, exception_handlers=EXCEPTION_HANDLERS)
     app.state.host = host
     app.add_middleware(CatchUnexpected)
-    origins = getattr(getattr(host, "settings", None), "cors_origin_list", ())
+    settings = getattr(host, "settings", None)
+    auth.install(app, settings)  # inside CORS: a preflight needs no key, a 401 gets CORS headers
+    origins = getattr(settings, "cors_origin_list", ())
     if origins:  # off unless --cors-origins (SHOAL_CORS_ORIGINS) names the browser origins
         app.add_middleware(
             CORSMiddleware, allow_origins=list(origins), allow_methods=["*"], allow_headers=["*"]
