@@ -21,6 +21,7 @@ import httpx
 from shoal.models.manifest import Manifest
 from shoal.models.parity import Check, ManifestsDocument, audit, ready
 from shoal.ops.chat import DEFAULT_API, START_HINT, api_base, error_message
+from shoal.ops.client import add_api_key_flag, auth_headers
 
 READY = "RING_INPUT_READY"
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 3
@@ -72,7 +73,7 @@ def run_audit(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     base = api_base(args.api)
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()] if args.nodes else None
     timeout = httpx.Timeout(600.0 if args.hash else 30.0, connect=5.0)
-    with httpx.Client(timeout=timeout) as client:
+    with httpx.Client(timeout=timeout, headers=auth_headers(args.api_key)) as client:
         manifests, card = collect(client, base, args.model, nodes, args.hash)
     expect = args.expect_shards if args.expect_shards is not None else card.get("expected_shards")
     checks = audit(manifests, expect_shards=expect, hash=args.hash)
@@ -103,6 +104,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=os.environ.get("SHOAL_API", DEFAULT_API),
         help=f"base URL of any node's API (env SHOAL_API; default {DEFAULT_API})",
     )
+    add_api_key_flag(parser)
     parser.add_argument(
         "--nodes", help="comma list of node names or ids (default: every node in the view)"
     )

@@ -57,7 +57,13 @@ from shoal.ops.bench_report import (
     synthetic_text,
 )
 from shoal.ops.chat import DEFAULT_API, EXIT_API_ERROR, EXIT_OK, EXIT_UNREACHABLE
-from shoal.ops.client import ApiError, ApiUnreachable, AsyncApiClient, api_base
+from shoal.ops.client import (
+    ApiError,
+    ApiUnreachable,
+    AsyncApiClient,
+    add_api_key_flag,
+    api_base,
+)
 
 # An advertised address that does not answer /health within this is taken as unreachable.
 PROBE_TIMEOUT_S: Final = 2.0
@@ -257,7 +263,7 @@ async def bench(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     top = max(c.concurrency for c in cells)
     limits = httpx.Limits(max_connections=top + 2)
     timeout = httpx.Timeout(args.timeout, connect=5.0)
-    async with AsyncApiClient(api, timeout=timeout, limits=limits) as client:
+    async with AsyncApiClient(api, timeout=timeout, limits=limits, api_key=args.api_key) as client:
         nodes = await resolve_nodes(client, args.nodes)
         model = args.model or await first_model(client.at(nodes[0]))
         say(
@@ -336,6 +342,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=os.environ.get("SHOAL_API", DEFAULT_API),
         help=f"base URL of a node's API (env SHOAL_API; default {DEFAULT_API})",
     )
+    add_api_key_flag(parser)
     parser.add_argument(
         "--nodes",
         type=node_list,

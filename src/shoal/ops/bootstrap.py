@@ -34,6 +34,7 @@ from shoal.ops.bootstrap_phases import (
     Unreachable,
 )
 from shoal.ops.chat import DEFAULT_API, START_HINT, api_base
+from shoal.ops.client import add_api_key_flag, auth_headers
 from shoal.ops.phase_gates import FAIL, PHASES, Options, PhaseResult, conclude, gate
 from shoal.ops.run_ledger import (
     Ledger,
@@ -66,7 +67,8 @@ def bootstrap(opts: Options, say: Callable[[str], None] = print) -> int:
     for p in kept if opts.resume else ():
         say(f"SKIP {p.name}: passed at {p.finished_at} (ledger); --resume does not repeat it")
     code = EXIT_OK
-    with httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0)) as client:
+    timeout = httpx.Timeout(30.0, connect=5.0)
+    with httpx.Client(timeout=timeout, headers=auth_headers(opts.api_key)) as client:
         ctx = Context(opts, client, ledger, say, same.model_dirs if same else {})
         write_ledger(opts.report_dir, ledger, order)
         for number, name in enumerate(to_run, start=1):
@@ -127,6 +129,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=os.environ.get("SHOAL_API", DEFAULT_API),
         help=f"base URL of any node's API (env SHOAL_API; default {DEFAULT_API})",
     )
+    add_api_key_flag(parser)
     add("--min-nodes", type=int, default=2, help="nodes the cluster and instance need (default 2)")
     add("--sharding", help="Pipeline or Tensor (default: placement's choice)")
     add("--instance-meta", help="GlooInstance, NcclInstance, MlxRingInstance or MlxJacclInstance")

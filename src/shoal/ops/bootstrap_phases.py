@@ -5,6 +5,7 @@ in order, with the ledger, is ops.bootstrap.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import time
@@ -17,6 +18,7 @@ import httpx
 from shoal.models.manifest import Manifest
 from shoal.ops import audit
 from shoal.ops.chat import START_HINT, api_base, error_message
+from shoal.ops.client import API_KEY_ENV, auth_headers
 from shoal.ops.phase_gates import (
     FAIL,
     SERVING,
@@ -101,7 +103,7 @@ class Context:
     def manifests(self, hash: bool) -> tuple[dict[str, Manifest | str], dict[str, Any]] | str:
         """Every node's manifest and the card, through the --api node; or why not."""
         timeout = httpx.Timeout(900.0 if hash else 30.0, connect=5.0)
-        with httpx.Client(timeout=timeout) as client:
+        with httpx.Client(timeout=timeout, headers=auth_headers(self.opts.api_key)) as client:
             try:
                 found = audit.collect(client, self.opts.api, self.opts.model, None, hash)
             except audit.AuditUnreachable as exc:
@@ -326,8 +328,9 @@ def bench(ctx: Context) -> PhaseResult:
     command = bench_command(ctx.opts, out)
     ctx.say(f"  $ {shlex.join(command)}")
     last = ""
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    env = {**os.environ, **({API_KEY_ENV: ctx.opts.api_key} if ctx.opts.api_key else {})}
+    with subprocess.Popen(  # the key goes in the environment: a command line is public
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:  # streamed: a long bench shows its heartbeat as it runs

@@ -29,6 +29,7 @@ from shoal.ops.client import (  # noqa: F401 - SSE_DONE, parse_sse_line, read_ch
     ApiError,
     ApiUnreachable,
     ChunkDelta,
+    add_api_key_flag,
     api_base,
     error_message,
     error_text,
@@ -243,7 +244,7 @@ def repl(
 def run(args: argparse.Namespace) -> int:
     base = api_base(args.api)
     try:
-        with ApiClient(base, timeout=CLIENT_TIMEOUT) as api:
+        with ApiClient(base, timeout=CLIENT_TIMEOUT, api_key=args.api_key) as api:
             model = args.model if args.model is not None else first_model(api)
             session = ChatSession(api, base, model, args.system, args.temperature, args.max_tokens)
             question = args.message
@@ -275,6 +276,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=os.environ.get("SHOAL_API", DEFAULT_API),
         help=f"base URL of a node's API (env SHOAL_API; default {DEFAULT_API})",
     )
+    add_api_key_flag(parser)
     parser.add_argument("--model", help="model id (default: the first one of /v1/models)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")

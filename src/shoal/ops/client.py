@@ -9,7 +9,9 @@ text; any other httpx error passes through for the command to word.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -36,6 +38,8 @@ from shoal.schema.report import StoreState
 DEFAULT_API: Final = "http://127.0.0.1:52415"
 SSE_DONE: Final = "[DONE]"
 START_HINT: Final = "start a node with `shoal run` (or `make run`)"
+API_KEY_ENV: Final = "SHOAL_API_KEY"
+KEY_HINT: Final = f"this node needs its API key: pass --api-key KEY (env {API_KEY_ENV})"
 # Connecting must be quick; reading may wait on a long prefill or a busy batch.
 DEFAULT_TIMEOUT: Final = httpx.Timeout(300.0, connect=5.0)
 PROBE_TIMEOUT: Final = httpx.Timeout(3.0)
@@ -54,6 +58,26 @@ def api_base(url: str) -> str:
     if url.endswith("/v1"):
         url = url[: -len("/v1")]
     return url
+
+
+def first_key(text: str | None) -> str | None:
+    """The key a client sends out of SHOAL_API_KEY, which may list several (as the node's)."""
+    keys = [k.strip() for k in (text or "").split(",") if k.strip()]
+    return keys[0] if keys else None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def add_api_key_flag(parser: argparse.ArgumentParser) -> None:
+    """--api-key for the commands that talk to a node; the default comes from the environment
+    and is never shown in --help."""
+    parser.add_argument(
+        "--api-key",
+        default=first_key(os.environ.get(API_KEY_ENV)),
+        help=f"the node's API key, if it was started with one (env {API_KEY_ENV})",
+    )
 
 
 def error_text(error: Any) -> str:
@@ -78,6 +102,8 @@ def error_message(status: int, body: bytes) -> str:
     else:
         message = body.decode("utf-8", "replace").strip()
     message = " ".join(message.split()) or "(empty body)"
+    if status == 401:  # the node's own words name its flag; the user needs this command's
+        return f"HTTP 401: {KEY_HINT} ({message[:300]})"
     return f"HTTP {status}: {message[:500]}"
 
 
@@ -186,9 +212,11 @@ class ApiClient:
         *,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         http: httpx.Client | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base = api_base(base)
         self.http = http if http is not None else httpx.Client(timeout=timeout)
+        self.http.headers.update(auth_headers(api_key))  # the pool's: at() shares it
         self._owns_http = http is None
 
     def at(self, base: str) -> ApiClient:
@@ -308,6 +336,7 @@ class AsyncApiClient:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         limits: httpx.Limits | None = None,
         http: httpx.AsyncClient | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base = api_base(base)
         if http is None:
@@ -315,6 +344,7 @@ class AsyncApiClient:
             self._owns_http = True
         else:
             self._owns_http = False
+        http.headers.update(auth_headers(api_key))
         self.http = http
 
     def at(self, base: str) -> AsyncApiClient:

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 import httpx
 
 from shoal.ops.chat import DEFAULT_API, START_HINT, api_base, error_message
+from shoal.ops.client import add_api_key_flag, auth_headers
 from shoal.placement.addressing import host_of
 from shoal.schema.documents import LinkRow, NodeRow, StateDocument
 from shoal.schema.exo import HostPort, InstanceBody, RunnerStatus, ShardMetadata
@@ -195,7 +196,7 @@ def _why(state: StateDocument, body: InstanceBody, a: str, b: str) -> str:
 def run(args: argparse.Namespace) -> int:
     base = api_base(args.api)
     try:
-        response = httpx.get(f"{base}/state", timeout=5)
+        response = httpx.get(f"{base}/state", timeout=5, headers=auth_headers(args.api_key))
     except httpx.TransportError:
         print(f"shoal doctor: no node answers at {base}: {START_HINT}", file=sys.stderr)
         return 2
@@ -215,5 +216,6 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=os.environ.get("SHOAL_API", DEFAULT_API),
         help=f"node to ask (env SHOAL_API; default {DEFAULT_API})",
     )
+    add_api_key_flag(parser)
     parser.set_defaults(func=run)
     return parser

@@ -24,6 +24,7 @@ from shoal.models.cards import CardError, ModelCard, card_for, load_cards
 from shoal.models.manifest import build_manifest
 from shoal.models.store import HF_CACHE_DIR, ModelStore, validate_model_id
 from shoal.ops.chat import START_HINT, api_base, error_message
+from shoal.ops.client import add_api_key_flag, auth_headers
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -129,7 +130,8 @@ def _pull_on_node(args: argparse.Namespace, model_id: str) -> int:
     base = api_base(args.api)
     body = {"model": model_id, "include": args.include or [], "revision": args.revision}
     try:
-        with httpx.Client(timeout=10) as client, ProgressBar() as bar:
+        headers = auth_headers(args.api_key)
+        with httpx.Client(timeout=10, headers=headers) as client, ProgressBar() as bar:
             started = client.post(f"{base}/models/pull", json=body)
             if started.status_code != 202:
                 print(f"shoal: {error_message(started.status_code, started.content)}",
@@ -203,6 +205,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--api",
         help="have the node at this URL pull into its own store, and follow its progress",
     )
+    add_api_key_flag(pull_parser)
     pull_parser.set_defaults(func=run_pull)
     list_parser = commands.add_parser(
         "list", help="the models in this machine's store, with card status and completeness"

@@ -12,7 +12,7 @@ import json
 import shlex
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,7 @@ class Options:
     resume: bool = False
     fast: bool = False
     only: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in the ledger or a command
 
     def command(self, *extra: str) -> str:
         """This bootstrap again, e.g. with --resume."""
