@@ -121,6 +121,7 @@ def fake_service(reports: list[NodeReport], events: EventLog) -> SimpleNamespace
     return SimpleNamespace(
         identity=SimpleNamespace(node_id=reports[0].node_id), view=view, report=reports[0],
         events=events, settings=SimpleNamespace(thresholds=Thresholds()),
+        refresh_report=lambda: None,
     )  # fmt: skip
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from shoal.placement.decide import LEADER_GRACE_S, Config, Decision, Memory, decide
+from shoal.placement.decide import (
+    LEADER_GRACE_S,
+    LEADER_HEARD_GRACE_S,
+    Config,
+    Decision,
+    Memory,
+    decide,
+)
 from shoal.placement.review import COOLDOWN_S, RETRY_AFTER_S
 from shoal.schema.reasons import reason, render
 from shoal.schema.report import (
@@ -124,6 +131,23 @@ def test_the_leader_places_a_min_nodes_model_once_enough_nodes_hold_it() -> None
 def test_only_a_settled_leader_decides(name: str, config: Config, now: float) -> None:
     decision = tick(pair(), config=config, now=now)
     assert decision.plan is None and decision.notes == (), name
+
+
+@pytest.mark.parametrize(
+    ("name", "heard", "since", "leads"),
+    [
+        ("heard nobody yet: the full grace", False, LEADER_HEARD_GRACE_S, False),
+        ("heard nobody: leads after the full grace", False, LEADER_GRACE_S, True),
+        ("heard a peer (its plan adopted): leads sooner", True, LEADER_HEARD_GRACE_S, True),
+        ("heard a peer, but just started", True, LEADER_HEARD_GRACE_S / 2, False),
+    ],
+)
+def test_a_leader_that_heard_its_peers_leads_sooner(
+    name: str, heard: bool, since: float, leads: bool
+) -> None:
+    config = Config(node_id="a", leader="a", started_at=NOW - since, heard_peers=heard)
+    decision = tick(pair(), config=config)
+    assert (decision.plan is not None) == leads, name
 
 
 def test_a_follower_adopts_the_newest_plan_it_sees() -> None:

@@ -62,7 +62,7 @@ FAST = [0.1] * 20
         ("past the bound for its kind", [15.0] * 10, InterfaceKind.VETH, {2: OK, 10: DEGRADED}),
         ("a VPN at 40 ms is normal for a VPN", [40.0] * 20, InterfaceKind.VPN, {20: OK}),
         ("tiny absolute change", [0.05] * 10 + [0.2] * 10, InterfaceKind.VETH, {20: OK}),
-        ("no replies: down", FAST[:10] + [None] * 5, InterfaceKind.VETH, {12: OK, 14: DOWN}),
+        ("no replies: down", FAST[:10] + [None] * 5, InterfaceKind.VETH, {11: OK, 12: DOWN}),
         ("never replied", [None] * 5, InterfaceKind.VETH, {1: DOWN}),
         (
             "replies again",

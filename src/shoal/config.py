@@ -149,8 +149,12 @@ class RunSettings:
         },
     )
     api_key_file: str | None = _flag(None, "file of more API keys, one a line (# comments)")
-    suspect_after: float = _flag(2.0, "seconds without a report before a peer is suspect")
-    gone_after: float = _flag(4.0, "seconds without a report before a peer is gone")
+    suspect_after: float = _flag(1.0, "seconds without a report before a peer is suspect")
+    gone_after: float = _flag(
+        2.0,
+        "seconds without a report before a peer is gone and its instances move (reports are "
+        "polled twice a second; raise it on a network that drops out for seconds, e.g. wifi)",
+    )
     paths: Paths = field(default_factory=Paths.from_env)
 
     def __post_init__(self) -> None:

@@ -104,7 +104,7 @@ class Controller:
         runners = {**self.runner_states(), **{s.runner_id: s for s in local}}
         wanted = {w.model_id for r in reports for w in r.auto_place}
         decision = decide(self.plan, reports, runners, self._cards(wanted), now,
-                          self._config(local), self.memory)  # fmt: skip
+                          self._config(local, reports), self.memory)  # fmt: skip
         self._apply(decision, reports)
 
     def _apply(self, decision: Decision, reports: list[NodeReport]) -> None:
@@ -123,12 +123,17 @@ class Controller:
             )
             self.plan = decision.plan
         self.worker.reconcile(self.plan)
+        if decision.plan is not None:  # publish it now: the peers' next poll carries it, not
+            self.service.refresh_report()  # the one after our next tick
 
-    def _config(self, local: Iterable[RunnerState] = ()) -> decisions.Config:
+    def _config(
+        self, local: Iterable[RunnerState] = (), reports: Iterable[NodeReport] = ()
+    ) -> decisions.Config:
         return decisions.Config(
             node_id=self.node_id,
             leader=self.leader(),
             started_at=self._started,
+            heard_peers=any(r.node_id != self.node_id for r in reports),
             thresholds=self.thresholds,
             context_tokens=self.context_tokens,
             local_runners=frozenset(s.runner_id for s in local),

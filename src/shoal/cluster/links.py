@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 OUTBOUND = "outbound"
 INBOUND = "inbound"
 EWMA_ALPHA = 0.3
-WINDOW = 60  # samples kept per path for percentiles and loss: a minute at the default interval
+WINDOW = 120  # samples kept per path for percentiles and loss: a minute at the default interval
 REPLY_TIMEOUT_S = 2.0  # far above any sane LAN/VPN RTT; a later reply counts as lost
 MAX_OUTSTANDING = 64  # probes awaiting a reply per path; beyond that the oldest is lost
 INBOUND_TTL_S = 300.0  # forget an inbound path nobody has probed for this long
@@ -256,7 +256,7 @@ class Prober(asyncio.DatagramProtocol):
         *,
         bind_host: str,
         port: int,
-        interval: float = 1.0,
+        interval: float = 0.5,
         reply_timeout: float = REPLY_TIMEOUT_S,
         window: int = WINDOW,
         secret: bytes | None = None,

@@ -24,8 +24,8 @@ class PeerStatus(StrEnum):
 
 @dataclass(frozen=True)
 class Timing:
-    suspect_after: float = 2.0  # seconds since the last successful poll
-    gone_after: float = 4.0
+    suspect_after: float = 1.0  # seconds since the last successful poll (polls every 0.5 s)
+    gone_after: float = 2.0  # 4 polls in a row unanswered (config: --gone-after)
     link_recent: float = 10.0  # a path whose last success is this recent counts as working
     refused_kept: int = 32  # distinct refused nodes remembered for /state
 

@@ -38,7 +38,9 @@ from shoal.schema.reasons import CandidateReason, Reason, Refusal, reason
 from shoal.schema.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
 from shoal.schema.thresholds import Thresholds
 
-LEADER_GRACE_S = 3.0  # a starting node hears its peers' plans before it may lead
+LEADER_GRACE_S = 3.0  # a starting node hears its peers' plans before it may lead...
+LEADER_HEARD_GRACE_S = 1.0  # ...or this long once a peer's report (and plan) reached it: a
+# restarted leader takes its instances back a poll or two after it is up, not 3 s later
 SERVING = ("ready", "running")
 
 
@@ -61,6 +63,7 @@ class Config:
     node_id: str  # this node
     leader: str | None  # the leader the view elects now
     started_at: float = 0.0  # when this node's controller started (LEADER_GRACE_S from it)
+    heard_peers: bool = False  # a peer's report reached this node since it started
     thresholds: Thresholds = field(default_factory=Thresholds)
     context_tokens: int | None = None  # the KV budget asked for (None: the model's window)
     local_runners: frozenset[str] = frozenset()  # runner ids this node runs (their failures
@@ -116,7 +119,8 @@ def decide(
     refused = dict(memory.auto_refused)
     failures = dict(memory.failures)
     alerts: dict[str, Reason] = {}
-    leading = config.leader == config.node_id and now - config.started_at >= LEADER_GRACE_S
+    grace = LEADER_HEARD_GRACE_S if config.heard_peers else LEADER_GRACE_S
+    leading = config.leader == config.node_id and now - config.started_at >= grace
     if leading:
         adopted = lead(adopted, config.node_id)
         for want in pending_auto_places(reports, adopted):

@@ -27,7 +27,8 @@ class Thresholds:
     min_degrade_ms: float = 2.0  # 0.05 -> 0.2 ms is x4 and harmless
     window_s: float = 5.0  # the current window
     sustain_s: float = 3.0  # how long a shift must last before it counts
-    down_after_s: float = 3.0  # no reply for this long while probing: down
+    down_after_s: float = 2.0  # no reply for this long while probing: down (as addressing's
+    # FAILING_AFTER_S: the alert and the leader's move see the same cut)
     max_loss: float = 0.5  # preflight: more loss than this in the recent window refuses
     kind_bound_ms: dict[str, float] = field(default_factory=lambda: dict(KIND_BOUND_MS))
 
