@@ -8,6 +8,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -50,15 +51,25 @@ class LiveServer:
         return httpx.get(f"{url}/status", timeout=5).json()
 
 
+# The settings of the session's node; a test that needs another node changes a few of them.
+SERVER_SETTINGS = RunSettings(
+    host="127.0.0.1",
+    api_port=0,
+    max_seq_len=TEST_CONTEXT,
+    log_level="warning",
+    discovery_interfaces="none",
+)
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[LiveServer]:
-    settings = RunSettings(
-        host="127.0.0.1",
-        api_port=0,
-        max_seq_len=TEST_CONTEXT,
-        log_level="warning",
-        discovery_interfaces="none",
-    )
+    with live_node(SERVER_SETTINGS) as live:
+        yield live
+
+
+@contextmanager
+def live_node(settings: RunSettings) -> Iterator[LiveServer]:
+    """A real node (in this process, real uvicorn) serving until the block ends."""
     node = Node(settings)
     sock = node.bind()  # port 0: the OS picks a free port, no race with other processes
     node.start_runners()

@@ -198,3 +198,57 @@ def test_unchanged_report_polls_as_not_modified(cluster: Cluster):
     again = httpx.get(url, headers={"If-None-Match": first.headers["etag"]}, timeout=2)
     # the report changes only when its content does: 304 now, or 200 with a higher seq
     assert again.status_code == 304 or again.json()["seq"] > report["seq"]
+
+
+SECRET = "loopback-cluster-secret"
+
+
+def _refusals(host: str) -> list[dict[str, Any]]:
+    return httpx.get(f"http://{host}:{PORT}/state", timeout=2).json()["refused"]
+
+
+def _refused(host: str, name: str, words: str) -> bool:
+    return any(name in r["name"] and words in r["reason"] for r in _refusals(host))
+
+
+def test_nodes_with_the_secret_meet_and_refuse_the_others(cluster: Cluster, tmp_path: Path):
+    from shoal.web.signing import sign_request  # the test holds the secret: it signs as a peer
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(f"  {SECRET}\n")  # stripped
+    a, b, c = HOSTS
+    cluster.start(a, "--cluster-secret", SECRET)
+    cluster.start(b, "--cluster-secret-file", str(secret_file))
+    cluster.start(c, "--cluster-secret", "another-secret")
+    wait_for("three nodes answering", lambda: all(cluster.nodes(h) for h in HOSTS), 60)
+    wait_for("A and B meet", lambda: agree(cluster, [a, b], {a, b}), 10)
+    wait_for("C refused by A", lambda: _refused(a, c, "refused our poll with HTTP 401"), 10)
+    assert any("bad signature" in r["reason"] for r in _refusals(a))
+    wait_for("A refused by C", lambda: _refused(c, a, "refused our poll"), 10)
+    assert set(statuses(cluster.nodes(a))) == {a, b} and set(statuses(cluster.nodes(c))) == {c}
+
+    # a report poll signed with the secret is answered once; its replay is refused
+    url = f"http://{a}:{PORT}/cluster/report"
+    headers = sign_request(SECRET.encode(), "GET", "/cluster/report", b"", "test", time.time())
+    assert httpx.get(url, headers=headers, timeout=2).status_code == 200
+    replayed = httpx.get(url, headers=headers, timeout=2)
+    assert replayed.status_code == 401
+    assert replayed.json()["error"]["code"] == "peer_replayed"
+    unsigned = httpx.get(url, timeout=2)
+    assert unsigned.status_code == 401 and unsigned.json()["error"]["code"] == "peer_unsigned"
+
+    # C again without any secret: its unsigned report never merges, and says why
+    cluster.procs[c].terminate()
+    cluster.procs[c].wait(timeout=15)
+    cluster.start(c)
+    wait_for("C refused as unsigned", lambda: _refused(a, c, "not signed"), 30)
+    time.sleep(1.5)  # more poll rounds: still refused, never merged
+    assert set(statuses(cluster.nodes(a))) == {a, b}
+    assert set(statuses(cluster.nodes(b))) == {a, b}
+
+    # the secret is nowhere: not in the documents, not in any node's log
+    for host in (a, b):
+        for path in ("/state", "/cluster/nodes", "/cluster/links"):
+            assert SECRET not in httpx.get(f"http://{host}:{PORT}{path}", timeout=2).text
+    for host in HOSTS:
+        assert SECRET not in (cluster.root / f"{host}.log").read_text(errors="replace")

@@ -64,8 +64,10 @@ class Paths:
         )
 
 
-def _flag(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _flag(default: Any, help: str, choices: tuple[str, ...] = (), hidden: bool = False) -> Any:
+    """A setting; hidden ones (secrets) stay out of the settings' repr, so out of any log."""
+    meta = {"help": help, "choices": choices}
+    return field(default=default, repr=not hidden, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,15 @@ class RunSettings:
         },
     )
     api_key_file: str | None = _flag(None, "file of more API keys, one a line (# comments)")
+    cluster_secret: str | None = _flag(
+        None,
+        "shared secret every node-to-node message is signed with: nodes without it (or with "
+        "another) are refused; prefer the env or --cluster-secret-file (ps shows flags)",
+        hidden=True,
+    )
+    cluster_secret_file: str | None = _flag(
+        None, "file holding the cluster secret (read once at start, whitespace stripped)"
+    )
     suspect_after: float = _flag(1.0, "seconds without a report before a peer is suspect")
     gone_after: float = _flag(
         2.0,
@@ -176,6 +187,32 @@ class RunSettings:
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
         return parse_origins(self.cors_origins)
+
+
+def read_cluster_secret(settings: RunSettings) -> bytes | None:
+    """--cluster-secret, else the stripped contents of --cluster-secret-file, else None;
+    StartupError (never naming the secret) when both are given, or the file is unreadable
+    or empty."""
+    given, path = settings.cluster_secret, settings.cluster_secret_file
+    if given is not None and path:
+        raise StartupError("--cluster-secret and --cluster-secret-file: give only one")
+    if path:
+        try:
+            text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise StartupError(
+                f"--cluster-secret-file {path}: cannot read it ({why}); fix the path or the "
+                "file's permissions"
+            ) from None
+        if not text:
+            raise StartupError(f"--cluster-secret-file {path} is empty: put the secret in it")
+        return text.encode()
+    if given is None:
+        return None
+    if not given.strip():
+        raise StartupError("--cluster-secret is empty: give a secret, or leave it out")
+    return given.strip().encode()
 
 
 def parse_origins(text: str) -> tuple[str, ...]:

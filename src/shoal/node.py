@@ -23,6 +23,7 @@ import uvicorn
 
 from shoal import __version__
 from shoal.api.app import create_app
+from shoal.api.auth import api_keys
 from shoal.api.router import Router, ServedCard
 from shoal.cluster.discovery import (
     DuplicateNode,
@@ -32,10 +33,10 @@ from shoal.cluster.discovery import (
 )
 from shoal.cluster.events import EventLog
 from shoal.cluster.identity import load_identity
-from shoal.cluster.peers import PeerClient
+from shoal.cluster.peers import PeerClient, peer_auth
 from shoal.cluster.service import ClusterService, ClusterSettings
 from shoal.cluster.view import Timing
-from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError
+from shoal.config import BUNDLED, NO_MODEL, RunSettings, StartupError, read_cluster_secret
 from shoal.control import Controller
 from shoal.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 from shoal.models.cards import CardError, cards_digest, load_cards
@@ -147,13 +148,18 @@ class Node:
                 max_seq_len=settings.max_seq_len,
                 tokenizer_cache=settings.paths.tokenizer_cache,
                 cache_dir=settings.paths.cache,
+                secret=self.cluster_settings.secret,  # to runners in their env, never argv
             ),
             solo=tuple(self.solo.values()),
         )
         self.router = Router(self.solo, self.worker.states, settings.host, lambda: self.controller)
         # One pool for every call to a peer or to this node's runners, peers ranked by this
         # node's own path records (in its report once the cluster is up).
-        self.peers = PeerClient(lambda: self.cluster.report.links if self.cluster else ())
+        # signed with the cluster secret, else (a keyed cluster) carrying this node's key
+        auth = peer_auth(self.cluster_settings.secret, self.identity.node_id, api_keys(settings))
+        self.peers = PeerClient(
+            lambda: self.cluster.report.links if self.cluster else (), auth=auth
+        )
         self.app = create_app(self)
 
     def _solo_instances(self) -> dict[str, InstanceSpec]:
@@ -387,6 +393,7 @@ def cluster_settings(
         pinned_leader=settings.leader,
         offline=settings.offline,
         flags=flags,
+        secret=read_cluster_secret(settings),
         timing=Timing(suspect_after=settings.suspect_after, gone_after=settings.gone_after),
     )
 

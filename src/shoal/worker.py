@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.models.local import LocalModel
 from shoal.placement.plan import desired_runners
-from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine
+from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine, runner_env
 from shoal.schema.report import ClusterPlan, InstanceSpec, RunnerState
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class WorkerSettings:
     tokenizer_cache: Path | None = None
     cache_dir: Path | None = None
     log_dir: Path | None = None  # runner stderr goes here (one file per runner), else inherited
+    secret: bytes | None = field(default=None, repr=False)  # the cluster secret, for rank 0
 
 
 def _die_with_parent() -> None:
@@ -52,7 +54,9 @@ def _die_with_parent() -> None:
 class _Runner:
     """One runner subprocess and the newest status it reported."""
 
-    def __init__(self, spec: RunnerSpec, runner_id: str, log_dir: Path | None) -> None:
+    def __init__(
+        self, spec: RunnerSpec, runner_id: str, log_dir: Path | None, secret: bytes | None = None
+    ) -> None:
         self.spec = spec
         self.state = RunnerState(
             runner_id=runner_id,
@@ -73,6 +77,7 @@ class _Runner:
             stdout=subprocess.PIPE,
             stderr=stderr,
             stdin=subprocess.DEVNULL,
+            env=runner_env(os.environ, secret),  # the secret in the env: argv is public (ps)
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         if stderr is not None:
@@ -221,7 +226,7 @@ class Worker:
             spec.store_port,
             spec.ifname or "any interface",
         )
-        self._runners[rid] = _Runner(spec, rid, s.log_dir)
+        self._runners[rid] = _Runner(spec, rid, s.log_dir, s.secret)
 
     def stop_all(self) -> None:
         with self._lock:

@@ -22,6 +22,9 @@ from shoal.api import (
 )
 from shoal.api.host import ModelHost
 from shoal.web.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected
+from shoal.web.signed import SignedPeers
+
+PEER_ONLY = ("/cluster/report", "/cluster/goodbye")  # routes only peers call
 
 
 def create_app(host: ModelHost) -> FastAPI:
@@ -35,6 +38,10 @@ def create_app(host: ModelHost) -> FastAPI:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(origins), allow_methods=["*"], allow_headers=["*"]
         )
+    # Outermost, so every check inside sees request.state.peer_signed (shoal.web.signed).
+    secret = getattr(getattr(host, "cluster_settings", None), "secret", None)
+    node_id = getattr(getattr(host, "identity", None), "node_id", "")
+    app.add_middleware(SignedPeers, secret=secret, node_id=node_id, peer_only=PEER_ONLY)
     app.include_router(openai.router)
     app.include_router(anthropic.router)
     app.include_router(responses.router)

@@ -12,13 +12,17 @@ call until the prober's verdict.
 
 Relayed generations use a second pool without keep-alive: each opens its own connection, so a
 black-holed path fails at connect (a clean 503) instead of hanging on a dead kept-alive socket.
+
+Both pools authenticate every call the same way (`peer_auth`): with a cluster secret each
+request is signed (shoal.web.signing, checked by shoal.web.signed on the other side); without
+one, on a node with an API key, calls carry that key, so a keyed cluster still talks.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import httpx
@@ -26,6 +30,7 @@ import httpx
 from shoal.placement.addressing import PathOption, options_to, rank_key
 from shoal.schema.address import base_url
 from shoal.schema.report import PathStats
+from shoal.web.signing import HEADER_NONCE, SignatureError, sign_request, verify_response
 
 # Polls and goodbyes must be quick; a call that waits on a model (a relayed answer, a hashing
 # manifest) passes its own timeout.
@@ -59,6 +64,68 @@ def rank_addresses(
     return sorted(set(known), key=key)
 
 
+class SignedAuth(httpx.Auth):
+    """Signs every request with the cluster secret as this node (the body is read first)."""
+
+    requires_request_body = True
+
+    def __init__(self, secret: bytes, node_id: str, clock: Callable[[], float] = time.time):
+        self._secret, self.node_id, self._clock = secret, node_id, clock
+
+    def __repr__(self) -> str:  # never the secret
+        return f"SignedAuth(node_id={self.node_id!r})"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        target = request.url.raw_path.decode("latin-1")
+        signed = sign_request(self._secret, request.method, target, request.content,
+                              self.node_id, self._clock())  # fmt: skip
+        request.headers.update(signed)
+        yield request
+
+    def verify(self, response: httpx.Response) -> str:
+        """The node id that signed this (read) answer to one of our signed requests;
+        SignatureError if it is not signed with our secret."""
+        nonce = response.request.headers.get(HEADER_NONCE, "")
+        if not nonce:
+            raise SignatureError("unsigned", "the request was not signed")
+        return verify_response(self._secret, nonce, response.status_code, response.content,
+                               response.headers, self._clock())  # fmt: skip
+
+
+class BearerAuth(httpx.Auth):
+    """Calls carry this node's API key (a keyed cluster without a secret)."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def __repr__(self) -> str:  # never the key
+        return "BearerAuth()"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers.setdefault("Authorization", f"Bearer {self._key}")
+        yield request
+
+
+def first_key(api_key: object) -> str | None:
+    """The first of the node's API keys: a comma-separated string or a sequence of them."""
+    if isinstance(api_key, str):
+        keys = api_key.split(",")
+    elif isinstance(api_key, (list, tuple)):
+        keys = [str(k) for k in api_key]
+    else:
+        return None
+    return next((k.strip() for k in keys if k.strip()), None)
+
+
+def peer_auth(secret: bytes | None, node_id: str, api_key: object = None) -> httpx.Auth | None:
+    """How this node's calls to peers and runners authenticate: signed with the cluster secret,
+    else with its first API key, else not at all."""
+    if secret:
+        return SignedAuth(secret, node_id)
+    key = first_key(api_key)
+    return BearerAuth(key) if key else None
+
+
 class PeerUnknown(Exception):
     """No address is known for the node."""
 
@@ -74,14 +141,25 @@ class PeerClient:
         self,
         links: Callable[[], Sequence[PathStats]],
         clock: Callable[[], float] = time.time,
+        auth: httpx.Auth | None = None,
     ) -> None:
+        self.auth = auth
         self._links = links  # this node's own path records (the prober's snapshot)
         self._clock = clock
         self._known: dict[str, set[Address]] = {}
         self._answered: dict[str, Address] = {}
         self._failed: dict[Address, float] = {}  # address -> when a call to it last failed
-        self.http = httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, limits=POOL_LIMITS)
-        self.relay = httpx.AsyncClient(timeout=RELAY_TIMEOUT, limits=RELAY_LIMITS)
+        self.http = httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, limits=POOL_LIMITS, auth=auth)
+        self.relay = httpx.AsyncClient(timeout=RELAY_TIMEOUT, limits=RELAY_LIMITS, auth=auth)
+
+    @property
+    def signed(self) -> bool:
+        return isinstance(self.auth, SignedAuth)
+
+    def verify(self, response: httpx.Response) -> str | None:
+        """Who signed a (read) answer: None when this node has no secret (nothing to check);
+        SignatureError when it has one and the answer is not signed with it."""
+        return self.auth.verify(response) if isinstance(self.auth, SignedAuth) else None
 
     async def aclose(self) -> None:
         await self.http.aclose()

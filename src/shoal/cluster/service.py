@@ -30,6 +30,7 @@ from shoal.cluster.interfaces import local_interfaces
 from shoal.cluster.links import Prober
 from shoal.cluster.machine import local_device_label
 from shoal.cluster.peers import PeerClient, PeerUnknown
+from shoal.cluster.refusals import refused_poll, unsigned_answer
 from shoal.cluster.thunderbolt import local_thunderbolt_links
 from shoal.cluster.view import ClusterView, PeerStatus, Timing, membership_changes
 from shoal.runner.accelerators import torch_gpus
@@ -47,6 +48,7 @@ from shoal.schema.report import (
     ThunderboltLink,
 )
 from shoal.schema.thresholds import Thresholds
+from shoal.web.signing import SignatureError
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +277,7 @@ class ClusterService:
 
     async def _poll_peer(self, node_id: str) -> None:
         for address in self.peers.addresses(node_id):  # best first, the next when one fails
-            report = await self._fetch_report(address)
+            report = await self._fetch_report(address, node_id)
             if report is None or report.node_id != node_id:  # silent, or now someone else
                 self.peers.failed(address)  # the next poll and every call try the others first
                 continue
@@ -289,7 +291,11 @@ class ClusterService:
         if report is not None and report.node_id != self.identity.node_id:
             self._accept(report, address)
 
-    async def _fetch_report(self, address: tuple[str, int]) -> NodeReport | None:
+    async def _fetch_report(
+        self, address: tuple[str, int], node_id: str | None = None
+    ) -> NodeReport | None:
+        """The report at that address; None if silent, malformed or refused (with a cluster
+        secret: an answer not signed with it; the refusal goes in the view's `refused`)."""
         url = base_url(*address) + "/cluster/report"
         cached = self._cached.get(address)
         headers = {"If-None-Match": cached[0]} if cached else {}
@@ -297,22 +303,37 @@ class ClusterService:
             response = await self.peers.http.get(url, headers=headers)
         except httpx.HTTPError:
             return None
+        if response.status_code in (401, 403):  # e.g. it has a cluster secret we lack
+            named, why = refused_poll(response.status_code, response.content, response.headers)
+            self._refused(address, named or node_id, None, why)
+            return None
+        try:
+            signer = self.peers.verify(response)
+        except SignatureError as exc:  # its report must not merge: read it only to name it
+            report = _parse_report(response.content, url) if response.status_code == 200 else None
+            named = report.node_id if report else node_id
+            self._refused(address, named, report.name if report else None, unsigned_answer(exc))
+            return None
         if response.status_code == 304 and cached:
             return cached[1]
         if response.status_code != 200:
             return None
-        if len(response.content) > MAX_REPORT_BYTES:
-            size = len(response.content)
-            log.warning("dropped an oversized report (%d bytes) from %s", size, url)
+        report = _parse_report(response.content, url)
+        if report is None:
             return None
-        try:
-            report = NodeReport.model_validate_json(response.content)
-        except ValidationError as exc:
-            log.warning("dropped a malformed report from %s: %s", url, exc.errors()[:1])
+        if signer is not None and signer != report.node_id:
+            why = f"its report names node {report.node_id} but is signed by {signer}"
+            self._refused(address, report.node_id, report.name, why)
             return None
         if etag := response.headers.get("etag"):
             self._cached[address] = (etag, report)
         return report
+
+    def _refused(
+        self, address: tuple[str, int], node_id: str | None, name: str | None, why: str
+    ) -> None:
+        where = join_host_port(*address)
+        self.view.refuse(node_id or where, name or where, f"at {where}: {why}", time.time())
 
     def _accept(self, report: NodeReport, address: tuple[str, int]) -> None:
         if report.shutting_down:
@@ -404,6 +425,18 @@ class ClusterService:
                 if ip.version == 4 and not ip.is_loopback:
                     out.append(f"{ip}:{self.api_port}")
         return out
+
+
+def _parse_report(body: bytes, url: str) -> NodeReport | None:
+    """A peer's report, or None (logged) when oversized or malformed."""
+    if len(body) > MAX_REPORT_BYTES:
+        log.warning("dropped an oversized report (%d bytes) from %s", len(body), url)
+        return None
+    try:
+        return NodeReport.model_validate_json(body)
+    except ValidationError as exc:
+        log.warning("dropped a malformed report from %s: %s", url, exc.errors()[:1])
+        return None
 
 
 def _resources(gpus: tuple[GpuInfo, ...], device: str) -> Resources:

@@ -175,9 +175,14 @@ class ClusterView:
         return None
 
     def _refuse(self, report: NodeReport, reason: str, now: float) -> None:
-        nid, held = report.node_id, self.refused.get(report.node_id)
+        self.refuse(report.node_id, report.name, reason, now)
+
+    def refuse(self, node_id: str, name: str, reason: str, now: float) -> None:
+        """Record a node refused (its report, or its answers: e.g. not signed with our cluster
+        secret); kept for /state until it merges, the most recent `refused_kept` of them."""
+        held = self.refused.get(node_id)
         first_at, count = (held.first_at, held.count + 1) if held else (now, 1)
-        self.refused[nid] = Refusal(nid, report.name, reason, count, first_at, now)
+        self.refused[node_id] = Refusal(node_id, name, reason, count, first_at, now)
         while len(self.refused) > self.timing.refused_kept:
             oldest = min(self.refused.values(), key=lambda r: r.last_at)
             del self.refused[oldest.node_id]

@@ -38,7 +38,9 @@ async function poll() {
     status.textContent = lastOk ? `no answer since ${ago(lastOk)}` : "no answer";
     const banner = document.getElementById("banner");
     banner.hidden = false;
-    banner.textContent = `This node's API is not answering (${error.message}); showing the last state it sent.`;
+    banner.textContent = error.status === 401
+      ? "This node's API needs its key: enter it above."
+      : `This node's API is not answering (${error.message}); showing the last state it sent.`;
     return;
   }
   for (const [name, view] of Object.entries(VIEWS)) {

@@ -75,14 +75,48 @@ export function hostOf(addr) {
   return i > 0 && addr.indexOf(":") === i ? addr.slice(0, i) : addr;
 }
 
+// The node's API key (`shoal run --api-key`), as the operator entered it: sessionStorage, so
+// it lives as long as this tab and never lands on disk or in another site's reach.
+const KEY_STORE = "shoal.apiKey";
+
+/** The Authorization header of every call to the API; empty until a key is entered. */
+export function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+/** After a 401: show the key form (one at a time); the next poll sends what was entered. */
+export function askForKey() {
+  const form = document.getElementById("key-form");
+  if (!form || !form.hidden) return;
+  const input = form.querySelector("input");
+  document.getElementById("key-why").textContent = sessionStorage.getItem(KEY_STORE)
+    ? "The node refused that API key; enter the right one."
+    : "This node needs an API key (shoal run --api-key).";
+  form.onsubmit = (event) => {
+    event.preventDefault();
+    if (!input.value.trim()) return;
+    sessionStorage.setItem(KEY_STORE, input.value.trim());
+    input.value = "";
+    form.hidden = true;
+  };
+  form.hidden = false;
+  input.focus();
+}
+
 /** fetch JSON; a non-2xx answer throws the OpenAI-style error message the API returns. */
 export async function api(path, options = {}) {
   const response = await fetch(path, {
     cache: "no-store",
-    headers: options.body ? { "Content-Type": "application/json" } : {},
     ...options,
+    headers: {
+      ...authHeaders(),
+      ...(options.body ? { "Content-Type": "application/json" } : {}),
+      ...options.headers,
+    },
     body: options.body ? JSON.stringify(options.body) : undefined,
   });
+  if (response.status === 401) askForKey();
   const text = await response.text();
   let doc = null;
   try { doc = text ? JSON.parse(text) : null; } catch { /* not JSON: keep the text */ }

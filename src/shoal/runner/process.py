@@ -28,7 +28,8 @@ from shoal.engine.tokenizer import Tokenizer
 from shoal.engine.weights import bound_heap_growth
 from shoal.runner.build import Following, Rank, open_rank, rendezvous_of
 from shoal.runner.endpoint import Readiness, create_endpoint
-from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine
+from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine, runner_secret
+from shoal.web.signed import SignedPeers
 
 log = logging.getLogger("shoal.runner")
 
@@ -148,9 +149,12 @@ class Runner:
         generator = Generator(executor, tokenizer)
         served = ServedModel(spec.model_id, tokenizer, generator)
         readiness = Readiness(reason=f"warming up {spec.model_id}")
+        # with the cluster secret, only signed calls (the nodes' relays): every path
+        endpoint = SignedPeers(create_endpoint(served, readiness), runner_secret(os.environ),
+                               f"{spec.instance_id}/rank0", peer_only=None)  # fmt: skip
         server = uvicorn.Server(
             uvicorn.Config(
-                create_endpoint(served, readiness),
+                endpoint,
                 log_level="warning",
                 lifespan="off",
                 access_log=False,

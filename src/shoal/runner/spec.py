@@ -2,6 +2,8 @@
 
 - The spec (RunnerSpec, JSON on the command line) says which model shard this rank holds and
   how to meet the others.
+- The cluster secret, when the node has one, comes in the environment (SECRET_ENV, hex), never
+  on the command line (any user's `ps` shows that): rank 0 then answers only signed calls.
 - Status goes to the runner's stdout, one StatusLine (JSON) per line. `status` walks
   connecting -> loading -> warming -> ready <-> running, or ends in failed (reason says why, exit
   code 1) or stopped (clean SIGTERM, exit code 0). Rank 0 puts the port of its generation
@@ -11,11 +13,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 TOKENS_EVERY_S = 2.0  # rank 0 reports its token count this often while generating
+
+
+SECRET_ENV = "SHOAL_RUNNER_SECRET"
+_NODE_SECRET_ENV = "SHOAL_CLUSTER_SECRET"  # the node's own: the runner gets SECRET_ENV only
+
+
+def runner_env(env: Mapping[str, str], secret: bytes | None) -> dict[str, str]:
+    """A runner's environment: the node's, with the cluster secret (if any) as SECRET_ENV."""
+    out = {k: v for k, v in env.items() if k not in (SECRET_ENV, _NODE_SECRET_ENV)}
+    if secret:
+        out[SECRET_ENV] = secret.hex()
+    return out
+
+
+def runner_secret(env: Mapping[str, str]) -> bytes | None:
+    """The cluster secret a runner was given, or None; ValueError if it is not hex."""
+    value = env.get(SECRET_ENV)
+    return bytes.fromhex(value) if value else None
 
 
 class RunnerSpec(BaseModel):

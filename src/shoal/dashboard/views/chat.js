@@ -1,7 +1,7 @@
 // Chat: a streaming conversation with any served model over /v1/chat/completions, with time to
 // first token and decode speed measured in the browser from the stream itself.
 
-import { api, fill, h } from "../util.js";
+import { api, askForKey, authHeaders, fill, h } from "../util.js";
 
 let picker, log, input, temperature, maxTokens, sendButton, stopButton, servedKey = "";
 let history = [];
@@ -69,13 +69,14 @@ async function send() {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
       signal: running.signal,
       body: JSON.stringify({ model, messages: history, stream: true,
         temperature: Number(temperature.value), max_tokens: Number(maxTokens.value),
         stream_options: { include_usage: true } }),
     });
     if (!response.ok) {
+      if (response.status === 401) askForKey();
       const doc = await response.json().catch(() => null);
       throw new Error(`${response.status}: ${doc?.error?.message || response.statusText}`);
     }
