@@ -20,7 +20,7 @@ from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from shoal.web.errors import ApiError
+from shoal.web.errors import RETRY_AFTER_S, ApiError
 from shoal.web.sse import DONE, sse
 
 
@@ -113,7 +113,8 @@ async def forward(
             code="instance_unreachable",
             type="service_unavailable",
         )
-        return Refused(503, lost.response().body, {"content-type": "application/json"})
+        return Refused(503, lost.response().body, {"content-type": "application/json",
+                                                   **lost.headers()})  # fmt: skip
     if upstream.status_code == 503:  # e.g. stopping: its instance moved on
         try:
             refusal = await upstream.aread()
@@ -121,7 +122,12 @@ async def forward(
             refusal = b""
         finally:
             await upstream.aclose()
+        if not refusal:  # cut off: still an error body
+            refusal = ApiError(503, f"The instance's rank 0 at {base_url} is not serving.",
+                               code="instance_unavailable").response().body  # fmt: skip
         keep = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+        if "retry-after" not in {k.lower() for k in keep}:  # a runner of another version
+            keep["retry-after"] = str(RETRY_AFTER_S)
         return Refused(503, refusal, keep)
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
 

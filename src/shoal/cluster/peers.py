@@ -21,6 +21,7 @@ one, on a node with an API key, calls carry that key, so a keyed cluster still t
 from __future__ import annotations
 
 import math
+import socket
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -38,6 +39,19 @@ DEFAULT_TIMEOUT: Final = httpx.Timeout(1.0, connect=0.5)
 POOL_LIMITS: Final = httpx.Limits(max_connections=256, max_keepalive_connections=32)
 RELAY_LIMITS: Final = httpx.Limits(max_connections=256, max_keepalive_connections=0)
 RELAY_TIMEOUT: Final = httpx.Timeout(None, connect=5.0)  # an answer takes as long as it takes
+# ...but not on a dead path: a relayed answer waits without a byte for as long as a generation
+# takes, so TCP keep-alive probes (answered by the peer's kernel, busy or not) find a cut cable
+# or a vanished host 2 s + 3 x 1 s after the last byte, and the relay ends with a clean 503.
+RELAY_KEEPALIVE: Final = (2, 1, 3)  # idle s, then a probe every s, this many unanswered
+
+
+def relay_socket_options() -> list[tuple[int, int, int]]:
+    """SO_KEEPALIVE and its timings, under the names this OS has (macOS: TCP_KEEPALIVE)."""
+    idle = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))
+    names = (idle, getattr(socket, "TCP_KEEPINTVL", None), getattr(socket, "TCP_KEEPCNT", None))
+    tcp = [(socket.IPPROTO_TCP, n, v) for n, v in zip(names, RELAY_KEEPALIVE, strict=True) if n]
+    return [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), *tcp]
+
 
 Address = tuple[str, int]  # host (no brackets), port
 
@@ -150,7 +164,10 @@ class PeerClient:
         self._answered: dict[str, Address] = {}
         self._failed: dict[Address, float] = {}  # address -> when a call to it last failed
         self.http = httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, limits=POOL_LIMITS, auth=auth)
-        self.relay = httpx.AsyncClient(timeout=RELAY_TIMEOUT, limits=RELAY_LIMITS, auth=auth)
+        relaying = httpx.AsyncHTTPTransport(
+            limits=RELAY_LIMITS, socket_options=relay_socket_options()
+        )
+        self.relay = httpx.AsyncClient(timeout=RELAY_TIMEOUT, transport=relaying, auth=auth)
 
     @property
     def signed(self) -> bool:

@@ -15,8 +15,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 
+RETRY_AFTER_S = 2  # a 503 says when to try again: a move, a load or a stop takes seconds
+
+
 class ApiError(Exception):
-    """An error the client gets back as-is."""
+    """An error the client gets back as-is. A 503 carries `Retry-After` (RETRY_AFTER_S unless
+    retry_after says otherwise), so clients that retry (the openai package does) wait that."""
 
     def __init__(
         self,
@@ -26,6 +30,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -33,6 +38,10 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.retry_after = RETRY_AFTER_S if retry_after is None and status == 503 else retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
     def body(self) -> dict[str, Any]:
         return {
@@ -45,7 +54,7 @@ class ApiError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
