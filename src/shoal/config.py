@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from shoal.engine.footprint import QUANTIZE_MODES
+from shoal.schema.limits import (
+    DEFAULT_CLIENT_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_PROMPT_CHARS,
+    DEFAULT_MAX_TOKENS_CAP,
+    RequestLimits,
+)
 
 ENV_PREFIX = "SHOAL_"
 _BOOLEANS = {
@@ -30,6 +38,13 @@ _BOOLEANS = {
 }
 BUNDLED = "bundled"  # --model value: the model shipped with shoal
 NO_MODEL = "none"  # --model value: serve nothing until an instance is placed here
+_POSITIVE = (  # settings that must be above 0
+    "max_body_bytes",
+    "client_timeout",
+    "max_tokens_cap",
+    "max_messages",
+    "max_prompt_chars",
+)
 
 
 class StartupError(Exception):
@@ -160,6 +175,25 @@ class RunSettings:
     cluster_secret_file: str | None = _flag(
         None, "file holding the cluster secret (read once at start, whitespace stripped)"
     )
+    max_body_bytes: int = _flag(
+        DEFAULT_MAX_BODY_BYTES,
+        "largest request body the API and the runners accept; a larger one gets 413",
+    )
+    client_timeout: float = _flag(
+        DEFAULT_CLIENT_TIMEOUT_S,
+        "seconds a client has to send a request's head, and then its body: a slower body "
+        "gets 408, a slower head has its connection closed",
+    )
+    max_tokens_cap: int = _flag(
+        DEFAULT_MAX_TOKENS_CAP,
+        "most output tokens one request may ask for (max_tokens, max_output_tokens, "
+        "num_predict); more is a 400",
+    )
+    max_messages: int = _flag(DEFAULT_MAX_MESSAGES, "most messages in one request; more is a 400")
+    max_prompt_chars: int = _flag(
+        DEFAULT_MAX_PROMPT_CHARS,
+        "longest prompt in characters, every message's text together; longer is a 400",
+    )
     suspect_after: float = _flag(1.0, "seconds without a report before a peer is suspect")
     gone_after: float = _flag(
         2.0,
@@ -183,10 +217,17 @@ class RunSettings:
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise StartupError(f"--max-seq-len {self.max_seq_len} is too small: use 2 or more")
         parse_origins(self.cors_origins)
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise StartupError(f"{_option(name)} {getattr(self, name)}: use more than 0")
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
         return parse_origins(self.cors_origins)
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.max_tokens_cap, self.max_messages, self.max_prompt_chars)
 
 
 def read_cluster_secret(settings: RunSettings) -> bytes | None:

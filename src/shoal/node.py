@@ -55,6 +55,7 @@ from shoal.schema.report import (
     RunnerState,
 )
 from shoal.schema.thresholds import parse_bounds
+from shoal.web.limits import server_limits
 from shoal.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class Node:
                 max_seq_len=settings.max_seq_len,
                 tokenizer_cache=settings.paths.tokenizer_cache,
                 cache_dir=settings.paths.cache,
+                max_body_bytes=settings.max_body_bytes,
                 secret=self.cluster_settings.secret,  # to runners in their env, never argv
             ),
             solo=tuple(self.solo.values()),
@@ -271,6 +273,7 @@ class Node:
             log_level=self.settings.log_level,
             lifespan="off",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            **server_limits(self.settings.client_timeout),
         )
         self._server = _Server(config, on_exit=self._end_generations)
         self.events.start()  # a crash of the previous run is recorded here

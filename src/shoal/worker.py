@@ -23,6 +23,7 @@ from pathlib import Path
 from shoal.models.local import LocalModel
 from shoal.placement.plan import desired_runners
 from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine, runner_env
+from shoal.schema.limits import DEFAULT_MAX_BODY_BYTES
 from shoal.schema.report import ClusterPlan, InstanceSpec, RunnerState
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class WorkerSettings:
     tokenizer_cache: Path | None = None
     cache_dir: Path | None = None
     log_dir: Path | None = None  # runner stderr goes here (one file per runner), else inherited
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # rank 0's endpoint refuses larger (413)
     secret: bytes | None = field(default=None, repr=False)  # the cluster secret, for rank 0
 
 
@@ -212,6 +214,7 @@ class Worker:
             max_batch=s.max_batch,
             max_seq_len=s.max_seq_len,
             serve_host=s.serve_host,
+            max_body_bytes=s.max_body_bytes,
             tokenizer_cache=str(s.tokenizer_cache) if s.tokenizer_cache else None,
             cache_dir=str(s.cache_dir) if s.cache_dir else None,
         )

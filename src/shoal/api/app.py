@@ -14,6 +14,7 @@ from shoal.api import (
     dashboard,
     exo,
     instances,
+    limits,
     metrics,
     models,
     ollama,
@@ -21,7 +22,9 @@ from shoal.api import (
     responses,
 )
 from shoal.api.host import ModelHost
+from shoal.schema.limits import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from shoal.web.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected
+from shoal.web.limits import BodyLimit
 from shoal.web.signed import SignedPeers
 
 PEER_ONLY = ("/cluster/report", "/cluster/goodbye")  # routes only peers call
@@ -32,6 +35,12 @@ def create_app(host: ModelHost) -> FastAPI:
     app.state.host = host
     app.add_middleware(CatchUnexpected)
     settings = getattr(host, "settings", None)
+    app.add_middleware(  # --max-body-bytes and --client-timeout: 413/408 in the route's shape
+        BodyLimit,
+        max_bytes=getattr(settings, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+        timeout_s=getattr(settings, "client_timeout", DEFAULT_CLIENT_TIMEOUT_S),
+        render=limits.refusal,
+    )
     auth.install(app, settings)  # inside CORS: a preflight needs no key, a 401 gets CORS headers
     origins = getattr(settings, "cors_origin_list", ())
     if origins:  # off unless --cors-origins (SHOAL_CORS_ORIGINS) names the browser origins

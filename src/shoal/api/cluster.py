@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from shoal.api.host import controller_of
 from shoal.api.instances import exo_instances
+from shoal.api.limits import peer_refusal
 from shoal.cluster.catalog import models_document
 from shoal.cluster.events import merge_history
 from shoal.cluster.hints import rdma_hints
@@ -61,6 +62,8 @@ async def node_id(request: Request) -> str:
 @router.get("/cluster/report", response_model=None)
 async def report(request: Request) -> Response:
     """Polled by every peer about once a second: unchanged reports answer 304."""
+    if (flooded := peer_refusal(request)) is not None:
+        return flooded
     cluster = _cluster(request)
     etag = cluster.etag
     if request.headers.get("if-none-match") == etag:
@@ -71,6 +74,8 @@ async def report(request: Request) -> Response:
 
 @router.post("/cluster/goodbye", status_code=204)
 async def goodbye(body: Goodbye, request: Request) -> Response:
+    if (flooded := peer_refusal(request)) is not None:
+        return flooded
     _cluster(request).accept_goodbye(body.node_id, body.boot_id)
     return Response(status_code=204)
 

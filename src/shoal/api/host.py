@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 from shoal.api.router import ServedCard
 from shoal.cluster.peers import PeerClient
 from shoal.cluster.service import ClusterService
+from shoal.schema.limits import RequestLimits
 from shoal.schema.report import HeldModel
 
 if TYPE_CHECKING:
@@ -59,3 +60,9 @@ def held_models_of(host: object) -> Mapping[str, HeldModel]:
 def library_of(host: object) -> Library | None:
     """A node's model store, cards and downloads."""
     return getattr(host, "library", None)
+
+
+def request_limits_of(host: object) -> RequestLimits:
+    """The caps on one generation request (--max-tokens-cap, --max-messages, ...)."""
+    settings = getattr(host, "settings", None)
+    return getattr(settings, "request_limits", None) or RequestLimits()

@@ -22,10 +22,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from shoal import __version__
 from shoal.api import upstream
-from shoal.api.host import ModelHost, controller_of, held_models_of, library_of
+from shoal.api.host import (
+    ModelHost,
+    controller_of,
+    held_models_of,
+    library_of,
+    request_limits_of,
+)
 from shoal.api.router import ServedCard
 from shoal.api.upstream import UpstreamError
 from shoal.models.local import LocalModel
+from shoal.schema.limits import OLLAMA, OLLAMA_GENERATE
 from shoal.schema.ollama import (
     Answer,
     ChatRequest,
@@ -381,7 +388,9 @@ async def chat(request: Request) -> Response:
     }
     if body.tools:
         payload["tools"] = openai_tools(body.tools)
-    return await _answer(upstream.stream(host, payload), render, body.stream, started)
+    return await _answer(
+        upstream.stream(host, payload, fields=OLLAMA), render, body.stream, started
+    )
 
 
 @router.post("/generate")
@@ -399,18 +408,24 @@ async def generate(request: Request) -> Response:
         payload = {
             "model": card.id,
             "prompt": body.prompt,
-            **openai_sampling(body.options, unlimited=card.context_length),
+            # no num_predict: up to the context, within the node's cap
+            **openai_sampling(body.options, unlimited=_most_tokens(host, card)),
         }
-        return await _answer(
-            upstream.stream(host, payload, upstream.COMPLETIONS_PATH), render, body.stream, started
-        )
+        chunks = upstream.stream(host, payload, upstream.COMPLETIONS_PATH, OLLAMA_GENERATE)
+        return await _answer(chunks, render, body.stream, started)
     system = [{"role": "system", "content": body.system}] if body.system else []
     payload = {
         "model": card.id,
         "messages": [*system, {"role": "user", "content": body.prompt}],
         **openai_sampling(body.options),
     }
-    return await _answer(upstream.stream(host, payload), render, body.stream, started)
+    chunks = upstream.stream(host, payload, fields=OLLAMA_GENERATE)
+    return await _answer(chunks, render, body.stream, started)
+
+
+def _most_tokens(host: ModelHost, card: ServedCard) -> int:
+    cap = request_limits_of(host).max_tokens
+    return min(card.context_length, cap) if card.context_length else cap
 
 
 # ---- anything else under /api ---------------------------------------------------------------

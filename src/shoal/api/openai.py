@@ -11,13 +11,15 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from shoal.api import proxy
-from shoal.api.host import ModelHost, held_models_of
+from shoal.api.host import ModelHost, held_models_of, request_limits_of
 from shoal.api.router import ServedCard
+from shoal.schema.limits import COMPLETIONS, OPENAI, Fields, over_limit
 from shoal.schema.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
     ModelList,
+    Sampling,
 )
 from shoal.web.errors import ApiError, invalid_request
 
@@ -50,13 +52,23 @@ async def _relay(request: Request, model: str, path: str) -> Response:
     return await proxy.to_instance(request, host, model, path, host.peers.relay)
 
 
+def _within_limits(request: Request, body: Sampling, fields: Fields) -> None:
+    """The node's caps (schema.limits): a 400 naming the field, before any relay."""
+    capped = body.model_dump(include={"messages", "prompt", "max_tokens", "max_completion_tokens"})
+    over = over_limit(request_limits_of(_host(request)), capped, fields)
+    if over is not None:
+        raise ApiError(400, over.message, param=over.param, code=over.code)
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    _within_limits(request, body, OPENAI)
     return await _relay(request, body.model, "/v1/chat/completions")
 
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response:
+    _within_limits(request, body, COMPLETIONS)
     return await _relay(request, body.model, "/v1/completions")
 
 

@@ -32,6 +32,7 @@ from shoal.api.responses_translate import (
     sse_event,
 )
 from shoal.api.upstream import UpstreamError
+from shoal.schema.limits import RESPONSES
 from shoal.schema.responses import (
     InputItem,
     ResponsesRequest,
@@ -103,7 +104,7 @@ def _not_found(response_id: str, param: str, code: str) -> ApiError:
 
 
 def _api_error(exc: UpstreamError) -> ApiError:
-    param = "model" if exc.code == "model_not_found" else None
+    param = exc.param or ("model" if exc.code == "model_not_found" else None)
     return ApiError(exc.status, exc.message, param=param, code=exc.code, type=exc.type)
 
 
@@ -134,14 +135,14 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
 
     if not body.stream:
         try:
-            completion = await upstream.complete(host, chat)
+            completion = await upstream.complete(host, chat, RESPONSES)
         except UpstreamError as exc:
             raise _api_error(exc) from None
         response = response_of(base, completion)
         keep(response)
         return JSONResponse(response)
 
-    chunks = upstream.stream(host, chat)
+    chunks = upstream.stream(host, chat, fields=RESPONSES)
     try:  # a refusal before the first chunk is still an HTTP error
         first: dict[str, Any] | None = await anext(chunks)
     except UpstreamError as exc:

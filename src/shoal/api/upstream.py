@@ -17,7 +17,8 @@ import httpx
 from httpx_sse import EventSource
 
 from shoal.api import proxy
-from shoal.api.host import ModelHost
+from shoal.api.host import ModelHost, request_limits_of
+from shoal.schema.limits import OPENAI, Fields, over_limit
 from shoal.web.errors import ApiError
 
 CHAT_PATH = "/v1/chat/completions"
@@ -27,9 +28,16 @@ COMPLETIONS_PATH = "/v1/completions"  # text completions (raw prompts): chunks o
 class UpstreamError(Exception):
     """The rank 0 refused the request (or there was none): an HTTP status and OpenAI error."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, type: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        type: str = "",
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.param = status, message, code, param
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
 
     @classmethod
@@ -63,8 +71,19 @@ async def _base_url(host: ModelHost, model: str) -> str:
         raise UpstreamError.from_api_error(exc) from None
 
 
-async def complete(host: ModelHost, body: dict[str, Any]) -> dict[str, Any]:
-    """One non-streamed chat completion (the runner's JSON)."""
+def check_limits(host: ModelHost, body: dict[str, Any], fields: Fields) -> None:
+    """The node's caps on one request (schema.limits), as a 400 the caller's API renders."""
+    over = over_limit(request_limits_of(host), body, fields)
+    if over is not None:
+        raise UpstreamError(400, over.message, over.code, param=over.param)
+
+
+async def complete(
+    host: ModelHost, body: dict[str, Any], fields: Fields = OPENAI
+) -> dict[str, Any]:
+    """One non-streamed chat completion (the runner's JSON). `fields`: how the client's API
+    names the capped fields, for the refusal's message."""
+    check_limits(host, body, fields)
     url = await _base_url(host, str(body.get("model")))
     try:
         response = await host.peers.relay.post(url + CHAT_PATH, json={**body, "stream": False})
@@ -80,13 +99,14 @@ async def complete(host: ModelHost, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def stream(
-    host: ModelHost, body: dict[str, Any], path: str = CHAT_PATH
+    host: ModelHost, body: dict[str, Any], path: str = CHAT_PATH, fields: Fields = OPENAI
 ) -> AsyncIterator[dict[str, Any]]:
     """The chunks of one streamed chat (or, with COMPLETIONS_PATH, text) completion, usage
     included in the last one.
 
     Raises UpstreamError before the first chunk if the runner refuses; an error the runner
     sends mid-stream (headers already sent) is raised where it arrives."""
+    check_limits(host, body, fields)
     url = await _base_url(host, str(body.get("model")))
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
     request = host.peers.relay.build_request("POST", url + path, json=payload)

@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any
 
 from shoal.cluster import probe_wire as wire
+from shoal.cluster.ratelimit import RateLimiter
 from shoal.schema.report import InterfaceKind, PathStats
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ INBOUND_TTL_S = 300.0  # forget an inbound path nobody has probed for this long
 MAX_INBOUND_PATHS = 256  # inbound records come from the network: cap them
 ROUTE_REFRESH_S = 30.0  # re-resolve local address/interface per path (cables come and go)
 ACK_OK, ACK_WRONG_IDENTITY, ACK_UNKNOWN = "ok", "wrong identity", "unknown nonce"
+PROBE_RATE_PER_S = 100.0  # datagrams a second one source address may send us...
+PROBE_BURST = 400.0  # ...after a burst of this many; the rest are dropped unread
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -272,6 +275,9 @@ class Prober(asyncio.DatagramProtocol):
         self._routes_at = float("-inf")
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
+        # Every peer sends about one probe (and one ack) a second per address pair; several
+        # nodes may share a source address (one host, NAT).
+        self.flood = RateLimiter(PROBE_RATE_PER_S, PROBE_BURST)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -355,6 +361,16 @@ class Prober(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         now = time.monotonic()
+        verdict = self.flood.allow(str(addr[0]), now)  # before decoding: a flood costs little
+        if not verdict.allowed:
+            if verdict.log_dropped:
+                logger.warning(
+                    "link probes from %s over %g/s: %d dropped since the last line",
+                    addr[0],
+                    self.flood.rate,
+                    verdict.log_dropped,
+                )
+            return
         source = wire.format_addr(str(addr[0]), int(addr[1]))  # addr keeps an IPv6 scope id
         try:
             message = wire.decode(data, self.namespace_hash, self.secret)

@@ -35,6 +35,7 @@ from shoal.runner.tools import (
     template_renders_tools,
     tool_format,
 )
+from shoal.schema.limits import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
 from shoal.schema.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -54,6 +55,7 @@ from shoal.schema.openai import (
     Usage,
 )
 from shoal.web.errors import EXCEPTION_HANDLERS, ApiError, CatchUnexpected, invalid_request
+from shoal.web.limits import BodyLimit
 from shoal.web.sse import DONE, EventStream, sse
 
 router = APIRouter(prefix="/v1")
@@ -365,10 +367,13 @@ class Readiness:
     reason: str = "warming up"
 
 
-def create_endpoint(served: ServedModel, readiness: Readiness) -> FastAPI:
+def create_endpoint(
+    served: ServedModel, readiness: Readiness, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
     app = FastAPI(title="shoal runner", version=__version__, exception_handlers=EXCEPTION_HANDLERS)
     app.state.served = served
     app.add_middleware(CatchUnexpected)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=DEFAULT_CLIENT_TIMEOUT_S)
     app.include_router(router)
 
     @app.get("/health", response_model=None)

@@ -29,6 +29,8 @@ from shoal.engine.weights import bound_heap_growth
 from shoal.runner.build import Following, Rank, open_rank, rendezvous_of
 from shoal.runner.endpoint import Readiness, create_endpoint
 from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine, runner_secret
+from shoal.schema.limits import DEFAULT_CLIENT_TIMEOUT_S
+from shoal.web.limits import server_limits
 from shoal.web.signed import SignedPeers
 
 log = logging.getLogger("shoal.runner")
@@ -150,7 +152,8 @@ class Runner:
         served = ServedModel(spec.model_id, tokenizer, generator)
         readiness = Readiness(reason=f"warming up {spec.model_id}")
         # with the cluster secret, only signed calls (the nodes' relays): every path
-        endpoint = SignedPeers(create_endpoint(served, readiness), runner_secret(os.environ),
+        app = create_endpoint(served, readiness, spec.max_body_bytes)
+        endpoint = SignedPeers(app, runner_secret(os.environ),
                                f"{spec.instance_id}/rank0", peer_only=None)  # fmt: skip
         server = uvicorn.Server(
             uvicorn.Config(
@@ -158,6 +161,7 @@ class Runner:
                 log_level="warning",
                 lifespan="off",
                 access_log=False,
+                **server_limits(DEFAULT_CLIENT_TIMEOUT_S),
             )
         )
         threading.Thread(
