@@ -233,3 +233,49 @@ def test_a_killed_node_shows_as_gone(pair: Pair, page) -> None:
     page.click('nav a[data-view="alerts"]')
     page.wait_for_selector('#history tr[data-kind="node_gone"]', timeout=30_000)
     shot(page, "alerts")
+
+
+# ---- with an API key: the page asks for it once and keeps it for the tab ----------------------
+
+KEY = "dashboard-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    """One node started with --api-key (env SHOAL_API_KEY), on its own address and port."""
+    p = Pair(tmp_path_factory.mktemp("keyed"), port=PORT + 1, env={"SHOAL_API_KEY": KEY},
+             hosts={"k": "127.0.0.3"})  # fmt: skip
+    p.start("k")
+    try:  # /health needs no key; everything the page reads does
+        wait_for("the keyed node up", lambda: p.json("k", "/health") is not None, 90, detail=p.log)
+        yield p
+    finally:
+        p.stop()
+
+
+def test_a_keyed_dashboard_asks_for_the_key_then_shows_the_cluster(keyed: Pair, page) -> None:
+    assert keyed.get("k", "/state").status_code == 401
+    me = httpx.get(keyed.url("k", "/node_id"), headers={"x-api-key": KEY}, timeout=5).json()
+    tab = page.context.new_page()  # another origin: its own sessionStorage
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    tab.set_default_timeout(30_000)
+    tab.goto(keyed.url("k", "/#topology"))  # the page itself loads without the key
+    tab.wait_for_selector("#key-form:not([hidden])")
+    assert "needs an API key" in tab.inner_text("#key-why")
+    assert "needs its key" in tab.inner_text("#banner")
+    shot(tab, "keyed-asks")
+    tab.fill("#key-input", "wrong-key")  # refused: asked again, saying so
+    tab.click("#key-submit")
+    tab.wait_for_function("() => /refused/.test(document.querySelector('#key-why').textContent)")
+    tab.fill("#key-input", KEY)
+    tab.click("#key-submit")
+    tab.wait_for_selector(f'.card.node[data-node-id="{me}"][data-status="alive"]')
+    assert tab.is_hidden("#key-form") and "live · 1 node" in tab.inner_text("#status")
+    assert tab.evaluate("() => sessionStorage.getItem('shoal.apiKey')") == KEY
+    shot(tab, "keyed-topology")
+    tab.reload()  # the tab keeps the key: no second prompt
+    tab.wait_for_selector(f'.card.node[data-node-id="{me}"][data-status="alive"]')
+    assert tab.is_hidden("#key-form")
+    tab.close()
+    assert not errors, errors
