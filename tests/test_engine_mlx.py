@@ -7,12 +7,14 @@ openai client; bad dirs are refused naming what is wrong."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -125,6 +127,31 @@ def test_greedy_tokens_match_mlx_lm_alone_and_batched(tiny):
     assert alone == expected
     # two rows of different lengths share one left-padded batch cache
     assert shoal_tokens(MlxExecutor(model, config, 4, 256), {0: short, 1: long}) == expected
+
+
+def test_logprobs_are_mlx_lms_own_beside_a_row_that_asks_none(tiny):
+    model, config, _ = tiny
+    prompt = [3, 14, 15, 92, 65]
+    step = generate_step(mx.array(prompt), model, max_tokens=4, sampler=lambda x: x.argmax(-1))
+    expected = [(int(token), np.array(logp.astype(mx.float32))) for token, logp in step]
+    executor = MlxExecutor(model, config, 4, 256)
+    asking = dataclasses.replace(GREEDY, logprobs=2)
+    out = [executor.prefill(1, 0, prompt, asking)]
+    found = [executor.step_logprobs()[1]]
+    executor.prefill(2, 1, [1, 5, 9, 2], GREEDY)
+    assert set(executor.step_logprobs()) == set()  # only the asking rows, only this step
+    other = 0
+    for _ in range(3):
+        tokens = executor.decode([1, 2], [out[-1], other], [0, 0])
+        out.append(tokens[0])
+        other = tokens[1]
+        assert set(executor.step_logprobs()) == {1}
+        found.append(executor.step_logprobs()[1])
+    assert out == [token for token, _ in expected]
+    for lp, (token, logp) in zip(found, expected, strict=True):
+        assert lp.token == token and lp.logprob == pytest.approx(float(logp[token]), abs=1e-4)
+        assert [t for t, _ in lp.top][0] == token
+        assert [x for _, x in lp.top] == pytest.approx(sorted(logp, reverse=True)[:2], abs=1e-4)
 
 
 def test_a_finished_row_leaves_the_batch_and_the_others_go_on(tiny):

@@ -4,11 +4,13 @@ Rank 0 runs in this process as the scheduler's executor; the other ranks are run
 (`python -m shoal.runner`) meeting it on 127.0.0.1. Pipelines of 2 and 3 ranks and
 tensor parallelism must give the single-process greedy tokens, logits within 1e-3 (fp32), each
 sequence's solo output while sequences share a batch and move between KV slots, and the
-single-process tokens of a seeded sampled sequence.
+single-process tokens of a seeded sampled sequence; the logprobs a sequence asks for come
+back from the sampling rank and are those of its logits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ from runner_procs import RunnerProcess, free_port
 from shoal.engine.distributed import PeerLostError, join
 from shoal.engine.generator import Generator, LocalExecutor
 from shoal.engine.lockstep import HeaderCodec, Op, PipelineExecutor, StepHeader, TensorExecutor
-from shoal.engine.sampling import SamplingParams
+from shoal.engine.sampling import SamplingParams, TokenLogprob
 from shoal.engine.sharding import ShardingError, even_layer_ranges, tensor_parallel_config
 from shoal.engine.tokenizer import Tokenizer
 from shoal.engine.weights import load_model, open_source
@@ -56,6 +58,8 @@ def test_step_header_round_trips_through_its_fixed_int64_layout():
                 presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.3
             ),
         ),
+        StepHeader(Op.PREFILL, rows=2, ids=(6,), params=SamplingParams(logprobs=0)),
+        StepHeader(Op.PREFILL, rows=2, ids=(7,), params=SamplingParams(logprobs=20)),
         StepHeader(
             Op.DECODE,
             rows=3,
@@ -155,6 +159,7 @@ class Seq:
     slot: int = -1
     out: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def run_together(executor: LocalExecutor | PipelineExecutor | TensorExecutor, seqs: list[Seq]):
@@ -165,6 +170,8 @@ def run_together(executor: LocalExecutor | PipelineExecutor | TensorExecutor, se
         s.slot = len(active)
         s.out.append(executor.prefill(s.id, s.slot, s.prompt, s.params))
         s.logits.append(executor.last_logits[0])
+        if s.id in (logprobs := executor.step_logprobs()):
+            s.logprobs.append(logprobs[s.id])
         active.append(s)
     while active := [s for s in active if len(s.out) < s.length]:
         for slot, s in enumerate(active):
@@ -176,18 +183,22 @@ def run_together(executor: LocalExecutor | PipelineExecutor | TensorExecutor, se
             [s.out[-1] for s in active],
             [len(s.prompt) + len(s.out) - 1 for s in active],
         )
+        logprobs = executor.step_logprobs()
         for row, (s, token) in enumerate(zip(active, chosen, strict=True)):
             s.out.append(token)
             s.logits.append(executor.last_logits[row])
+            if s.id in logprobs:
+                s.logprobs.append(logprobs[s.id])
     return seqs
 
 
 def three_sequences(prompts: list[list[int]]) -> list[Seq]:
-    """Greedy, greedy ending early (its slot is compacted away), seeded sampling."""
+    """Greedy with the top 3 logprobs, greedy ending early (its slot is compacted away),
+    seeded sampling with the chosen tokens' logprobs."""
     return [
-        Seq(1, prompts[0], GREEDY, 12),
+        Seq(1, prompts[0], dataclasses.replace(GREEDY, logprobs=3), 12),
         Seq(2, prompts[1], GREEDY, 4),
-        Seq(3, prompts[2], SEEDED, 12),
+        Seq(3, prompts[2], dataclasses.replace(SEEDED, logprobs=0), 12),
     ]
 
 
@@ -273,6 +284,24 @@ def test_sharded_batch_gives_single_process_tokens_and_logits(
             assert out == expected, f"sequence {solo.id}"
         for ours, reference in zip(shard_seq.logits[: len(out)], solo.logits, strict=False):
             assert (ours - reference).abs().max().item() < TOLERANCE.get(model, 1e-3)
+        asked = shard_seq.params.logprobs
+        assert len(shard_seq.logprobs) == (0 if asked is None else solo.length)
+        for lp, token, logits in zip(
+            shard_seq.logprobs, shard_seq.out, shard_seq.logits, strict=False
+        ):
+            assert_logprobs_of(lp, token, logits, asked or 0)
+
+
+def assert_logprobs_of(lp: TokenLogprob, token: int, logits: torch.Tensor, k: int) -> None:
+    """`lp` is the token's log-softmax under these logits, with the k likeliest tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    assert lp.token == token and abs(lp.logprob - logp[token].item()) < 1e-4
+    assert len(lp.top) == k
+    assert [x for _, x in lp.top] == sorted((x for _, x in lp.top), reverse=True)
+    for t, x in lp.top:
+        assert abs(x - logp[t].item()) < 1e-4
+    if k:
+        assert abs(lp.top[0][1] - logp.max().item()) < 1e-4
 
 
 # -- the scheduler over a pipeline ------------------------------------------------------------

@@ -262,7 +262,8 @@ def test_without_tools_a_greedy_answer_is_unchanged(client: openai.OpenAI) -> No
     ("extra", "param"),
     [
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, None),  # top_logprobs needs logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER]},
          None),
         ({"tool_choice": "required"}, None),

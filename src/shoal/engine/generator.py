@@ -21,7 +21,13 @@ import torch
 
 from shoal.engine.config import ModelConfig
 from shoal.engine.model import Step, Transformer
-from shoal.engine.sampling import SamplingParams, make_generator, sample_batch
+from shoal.engine.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    logprobs_of,
+    make_generator,
+    sample_batch,
+)
 from shoal.engine.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,7 @@ class Event:
     completion_tokens: int
     finish_reason: str | None = None  # stop | length | cancelled | error
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of this event's tokens, when the request asked
 
 
 @dataclass(eq=False)
@@ -51,11 +58,16 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     cancelled: bool = False
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent in an event
 
     @property
     def length(self) -> int:
         """Tokens whose K/V are (or are about to be) in the cache."""
         return len(self.prompt) + len(self.output)
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        taken, self.logprobs = tuple(self.logprobs), []
+        return taken
 
 
 SHUTTING_DOWN = "the server is shutting down"  # finish_reason "aborted": safe to retry
@@ -92,6 +104,10 @@ class Executor(Protocol):
 
     def move_slot(self, src: int, dst: int, length: int) -> None: ...
 
+    def step_logprobs(self) -> dict[int, TokenLogprob]:
+        """The last step's logprobs, by sequence id, of the sequences that ask for them."""
+        ...
+
     def idle(self) -> None: ...
 
     def close(self) -> None:
@@ -106,6 +122,7 @@ class SamplerBank:
         self.params: dict[int, SamplingParams] = {}
         self.rngs: dict[int, torch.Generator | None] = {}
         self.seen: dict[int, Counter[int]] = {}  # generated tokens, for the penalties
+        self.logprobs: dict[int, TokenLogprob] = {}  # the last sample()'s, for those asking
 
     def admit(self, seq_id: int, params: SamplingParams) -> None:
         self.params[seq_id] = params
@@ -125,6 +142,15 @@ class SamplerBank:
         for counts, p, token in zip(seen, params, chosen, strict=True):
             if p.penalized:
                 counts[token] += 1
+        asking = [row for row, p in enumerate(params) if p.logprobs is not None]
+        self.logprobs = {}
+        if asking:
+            found = logprobs_of(
+                logits[asking],
+                [chosen[row] for row in asking],
+                [params[row].logprobs or 0 for row in asking],
+            )
+            self.logprobs = {ids[row]: lp for row, lp in zip(asking, found, strict=True)}
         return chosen
 
 
@@ -162,6 +188,9 @@ class LocalExecutor:
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.model.cache.move_slot(src, dst, length)
+
+    def step_logprobs(self) -> dict[int, TokenLogprob]:
+        return self.sampler.logprobs
 
     def idle(self) -> None:
         pass
@@ -345,7 +374,10 @@ class Generator:
         self._accept([seq], [self.executor.prefill(seq.id, seq.slot, seq.prompt, seq.params)])
 
     def _accept(self, batch: list[Sequence], chosen: list[int]) -> None:
+        logprobs = self.executor.step_logprobs()
         for seq, token in zip(batch, chosen, strict=True):
+            if seq.id in logprobs:
+                seq.logprobs.append(logprobs[seq.id])
             self._advance(seq, token)
         self._active = [s for s in self._active if s.finish_reason is None]
         self._compact()
@@ -354,6 +386,7 @@ class Generator:
         seq.output.append(token)
         self.stats["tokens"] += 1
         if token in self.eos_ids and not seq.params.ignore_eos:
+            seq.logprobs = seq.logprobs[:-1]  # the end-of-sequence token is not in the text
             return self._finish(seq, "stop", text=seq.stopper.flush())
         text, stopped = seq.stopper.feed(seq.decoder.feed(token))
         if stopped:
@@ -361,7 +394,8 @@ class Generator:
         if len(seq.output) >= seq.params.max_tokens or seq.length >= self.max_seq_len:
             return self._finish(seq, "length", text=text + seq.stopper.flush(), token=token)
         if text:
-            seq.on_event(Event(text, (token,), len(seq.prompt), len(seq.output)))
+            lps = seq.take_logprobs()
+            seq.on_event(Event(text, (token,), len(seq.prompt), len(seq.output), logprobs=lps))
 
     def _finish(
         self,
@@ -375,7 +409,8 @@ class Generator:
             return
         seq.finish_reason = reason
         ids = () if token is None else (token,)
-        seq.on_event(Event(text, ids, len(seq.prompt), len(seq.output), reason, error))
+        logprobs = seq.take_logprobs()
+        seq.on_event(Event(text, ids, len(seq.prompt), len(seq.output), reason, error, logprobs))
 
     def _drop_cancelled(self) -> None:
         for seq in self._active:

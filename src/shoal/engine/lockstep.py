@@ -16,6 +16,10 @@ Tensor parallel: rank 0 broadcasts the header (a decode step's token ids ride in
 prefill's prompt follows in a second broadcast), every rank runs its slices with all-reduces
 inside the blocks, and rank 0, the only one holding the LM head, samples.
 
+Logprobs: the rank that samples computes them for the sequences whose parameters ask (a
+prefill header carries `logprobs`); in a pipeline they follow the token ids to rank 0 in one
+more message, sent only in steps where some sequence asks, so other steps cost nothing more.
+
 While nothing runs, rank 0 sends a no-op header every `heartbeat_s`, so a follower's receive
 timeout (the step timeout) only fires when rank 0 is really gone. A failed send, receive or
 collective breaks the instance for good: the step raises PeerLostError, the scheduler ends its
@@ -39,7 +43,7 @@ from shoal.engine.config import ModelConfig
 from shoal.engine.distributed import PeerLostError, Peers
 from shoal.engine.generator import SamplerBank
 from shoal.engine.model import Step, Transformer
-from shoal.engine.sampling import SamplingParams
+from shoal.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from shoal.engine.sharding import attach_reduce
 
 log = logging.getLogger(__name__)
@@ -93,7 +97,7 @@ class HeaderCodec:
     """StepHeader <-> a fixed-size list of int64: 20 fields, then ids, positions and tokens
     (max_batch each), then room for max_moves moves. Of the sampling parameters only what
     the sampler reads travels (temperature, top_p, top_k, min_p and the three penalties as
-    float64 bits, the seed);
+    float64 bits, the seed, how many top logprobs: -1 for none);
     stop strings, max_tokens and EOS handling stay with rank 0's scheduler."""
 
     FIXED = 20
@@ -117,6 +121,7 @@ class HeaderCodec:
             v[14:17] = [_f2i(x) for x in (p.presence_penalty, p.frequency_penalty)] + [
                 _f2i(p.repetition_penalty)
             ]
+            v[17] = -1 if p.logprobs is None else p.logprobs
         f = self.FIXED
         v[f : f + n] = h.ids
         v[f + b : f + b + len(h.positions)] = h.positions
@@ -139,6 +144,7 @@ class HeaderCodec:
                 presence_penalty=_i2f(v[14]),
                 frequency_penalty=_i2f(v[15]),
                 repetition_penalty=_i2f(v[16]),
+                logprobs=None if v[17] < 0 else v[17],
             )
         f, b = self.FIXED, self.max_batch
         decode = op == Op.DECODE
@@ -183,6 +189,35 @@ class Wire:
 
     def header(self) -> StepHeader:
         return self.codec.unpack(self.head.tolist())
+
+
+LOGPROB_ROW = 2 + 2 * MAX_TOP_LOGPROBS  # logprob, k, then k token ids and k logprobs
+
+
+def pack_logprobs(found: list[TokenLogprob]) -> torch.Tensor:
+    """Logprobs of some rows as one float64 tensor [rows, LOGPROB_ROW] (ids are exact in
+    float64); the token ids themselves travel in the reply."""
+    out = torch.zeros(len(found), LOGPROB_ROW, dtype=torch.float64)
+    for row, lp in enumerate(found):
+        k = len(lp.top)
+        out[row, :2] = torch.tensor([lp.logprob, k], dtype=torch.float64)
+        if k:
+            out[row, 2 : 2 + k] = torch.tensor([t for t, _ in lp.top], dtype=torch.float64)
+            out[row, 2 + MAX_TOP_LOGPROBS : 2 + MAX_TOP_LOGPROBS + k] = torch.tensor(
+                [x for _, x in lp.top], dtype=torch.float64
+            )
+    return out
+
+
+def unpack_logprobs(packed: torch.Tensor, tokens: list[int]) -> list[TokenLogprob]:
+    rows = packed.tolist()
+    found = []
+    for token, row in zip(tokens, rows, strict=True):
+        k, m = int(row[1]), MAX_TOP_LOGPROBS
+        top = zip(row[2 : 2 + k], row[2 + m : 2 + m + k], strict=True)
+        top = tuple((int(t), x) for t, x in top)
+        found.append(TokenLogprob(token, row[0], top))
+    return found
 
 
 def activation_shape(header: StepHeader, hidden: int) -> tuple[int, int, int]:
@@ -279,8 +314,16 @@ class PipelineExecutor(_Rank0):
         self.wire = Wire(self.codec, config.hidden_size, dtype, peers.device)
         self.reply = torch.zeros(self.max_batch, dtype=torch.int64, device=peers.device)
         self.last_rank = peers.world_size - 1
+        self.asking: set[int] = set()  # sequences whose logprobs the last rank sends
+        self.logprobs: dict[int, TokenLogprob] = {}
+
+    def step_logprobs(self) -> dict[int, TokenLogprob]:
+        return self.logprobs
 
     def prefill(self, seq_id: int, slot: int, prompt: list[int], params: SamplingParams) -> int:
+        if params.logprobs is not None:
+            self.asking.add(seq_id)
+
         def step() -> list[int]:
             tokens = torch.tensor([prompt], device=self.device)
             h = self.model(tokens, Step.prefill(slot, 0, len(prompt), self.device))
@@ -290,6 +333,8 @@ class PipelineExecutor(_Rank0):
         return self._run(step)[0]
 
     def decode(self, ids: list[int], tokens: list[int], positions: list[int]) -> list[int]:
+        self.asking &= set(ids)
+
         def step() -> list[int]:
             rows = torch.tensor([[t] for t in tokens], device=self.device)
             h = self.model(rows, Step.decode(positions, self.device))
@@ -302,11 +347,21 @@ class PipelineExecutor(_Rank0):
         self._send(dataclasses.replace(header, want_logits=self.keep_logits), h)
         self.peers.recv(self.reply, self.last_rank)
         n = 1 if header.op == Op.PREFILL else header.rows
+        chosen = self.reply[:n].tolist()
+        asking = [row for row, i in enumerate(header.ids) if i in self.asking]
+        self.logprobs = {}
+        if asking:
+            packed = torch.empty(
+                len(asking), LOGPROB_ROW, dtype=torch.float64, device=self.peers.device
+            )
+            self.peers.recv(packed, self.last_rank)
+            found = unpack_logprobs(packed, [chosen[row] for row in asking])
+            self.logprobs = {header.ids[row]: lp for row, lp in zip(asking, found, strict=True)}
         if self.keep_logits:
             logits = torch.empty(n, self.config.vocab_size, device=self.peers.device)
             self.peers.recv(logits, self.last_rank)
             self.last_logits = logits.cpu()
-        return self.reply[:n].tolist()
+        return chosen
 
     def _send(self, header: StepHeader, h: torch.Tensor | None = None) -> None:
         header = dataclasses.replace(header, moves=self._take_moves(), inline=self.wire.fits(h))
@@ -359,6 +414,9 @@ class TensorExecutor(_Rank0):
         if self.keep_logits:
             self.last_logits = logits.float().cpu()
         return self.sampler.sample(ids, logits)
+
+    def step_logprobs(self) -> dict[int, TokenLogprob]:
+        return self.sampler.logprobs
 
     def _send(self, header: StepHeader, h: torch.Tensor | None = None) -> None:
         header = dataclasses.replace(header, moves=self._take_moves())
@@ -468,6 +526,9 @@ class Follower:
         chosen = self.sampler.sample(ids, out)
         self.reply[: len(chosen)] = torch.tensor(chosen)
         self.peers.send(self.reply, 0)
+        if self.sampler.logprobs:  # rank 0 knows which rows ask: the same ids, in order
+            found = [self.sampler.logprobs[i] for i in ids if i in self.sampler.logprobs]
+            self.peers.send(pack_logprobs(found).to(self.peers.device), 0)
         if header.want_logits:
             self.peers.send(out.float().to(self.peers.device).contiguous(), 0)
         return header.op

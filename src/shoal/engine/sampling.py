@@ -1,5 +1,6 @@
 """Token sampling: greedy, temperature, top-k, top-p, min-p, with per-request seeds; presence,
-frequency and repetition penalties over the tokens a request has generated."""
+frequency and repetition penalties over the tokens a request has generated; the log
+probabilities of the chosen tokens and their top alternatives for the requests that ask."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: minus this once a token has appeared
     frequency_penalty: float = 0.0  # OpenAI's: minus this per appearance
     repetition_penalty: float = 1.0  # CTRL/HF's: divide (positive) or multiply a seen logit
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -38,6 +42,8 @@ class SamplingParams:
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
 
     @property
     def penalized(self) -> bool:
@@ -46,6 +52,29 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log probability under the model, and the `top` most likely tokens
+    at that step, best first, as (token id, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def logprobs_of(logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """For each row of logits [B, V], the chosen token's logprob and the top ks[row]: the
+    model's distribution itself, before penalties and temperature (as vLLM's default)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+    chosen = logp.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    k = max(ks, default=0)
+    values, ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    return [
+        TokenLogprob(t, lp, tuple(zip(ids[i, :n].tolist(), values[i, :n].tolist(), strict=True)))
+        for i, (t, lp, n) in enumerate(zip(tokens, chosen, ks, strict=True))
+    ]
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -18,7 +18,7 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from shoal.engine.config import ModelConfig
 from shoal.engine.generator import SamplerBank
-from shoal.engine.sampling import SamplingParams
+from shoal.engine.sampling import SamplingParams, TokenLogprob
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the attention scratch memory
 
@@ -78,7 +78,9 @@ class MlxExecutor:
         if not self.sample:
             mx.eval(last)  # on every rank: the model's collectives run here
             return [0] * len(ids)
-        if all(self.sampler.params[i].greedy for i in ids):  # argmax where the logits are
+        plain = [self.sampler.params[i] for i in ids]
+        if all(p.greedy and p.logprobs is None for p in plain):  # argmax where the logits are
+            self.sampler.logprobs = {}
             return mx.argmax(last, axis=-1).tolist()  # type: ignore[return-value]
         last = last.astype(mx.float32)
         mx.eval(last)
@@ -86,6 +88,9 @@ class MlxExecutor:
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         pass  # rows follow the ids decode is given
+
+    def step_logprobs(self) -> dict[int, TokenLogprob]:
+        return self.sampler.logprobs
 
     def idle(self) -> None:
         pass

@@ -24,7 +24,7 @@ import torch
 
 from shoal.engine.distributed import PeerLostError, Peers
 from shoal.engine.lockstep import HeaderCodec, Leading, Op, StepHeader
-from shoal.engine.sampling import SamplingParams
+from shoal.engine.sampling import SamplingParams, TokenLogprob
 from shoal.engine_mlx.executor import MlxExecutor
 
 T = TypeVar("T")
@@ -81,6 +81,9 @@ class MlxLockstep(Leading):
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         pass  # rows follow the ids each decode header names, on every rank
+
+    def step_logprobs(self) -> dict[int, TokenLogprob]:
+        return self.local.step_logprobs()  # rank 0 samples
 
     def close(self) -> None:
         super().close()

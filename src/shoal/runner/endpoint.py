@@ -23,8 +23,9 @@ from starlette.responses import Response
 
 from shoal import __version__
 from shoal.engine.generator import ContextLengthError, Event
-from shoal.engine.sampling import SamplingParams
+from shoal.engine.sampling import SamplingParams, TokenLogprob
 from shoal.engine.serving import ServedModel
+from shoal.runner.logprobs import chat_logprobs, completion_logprobs
 from shoal.runner.tools import (
     HERMES,
     ToolCall,
@@ -43,8 +44,10 @@ from shoal.schema.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessageOut,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
     ModelCard,
@@ -100,15 +103,22 @@ class Job:
                     raise ApiError(500, f"Generation failed: {reason}.", code="generation_failed")
                 yield event
 
-    async def collect(self) -> tuple[str, Event]:
-        """Run to the end: the whole text and the final event."""
+    async def collect(self) -> tuple[str, Event, list[TokenLogprob]]:
+        """Run to the end: the whole text, the final event and the tokens' logprobs (when
+        the request asked)."""
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         async with aclosing(self.events()) as events:
             async for event in events:
                 parts.append(event.text)
+                logprobs.extend(event.logprobs)
                 if event.finish_reason:
-                    return "".join(parts), event
+                    return "".join(parts), event, logprobs
         raise ApiError(500, "The generation ended without a finish reason.")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.params.logprobs is not None
 
 
 def _served(request: Request) -> ServedModel:
@@ -134,6 +144,7 @@ def _admit(
     prompt_param: str,
     max_tokens: int | None,
     id_prefix: str,
+    logprobs: int | None = None,
 ) -> Job:
     """Validate a request against the model; every problem here is a 4xx, never a 500."""
     model = _find_model(served, body.model)
@@ -166,6 +177,7 @@ def _admit(
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty,
+            logprobs=logprobs,
         )
     except ValueError as exc:
         raise invalid_request(f"Invalid sampling parameters: {exc}.") from None
@@ -202,11 +214,6 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
             "shoal does not do yet; leave it out (or 'text') and ask for JSON in the prompt.",
             param="response_format",
         )
-    if body.logprobs or body.top_logprobs:
-        raise invalid_request(
-            "logprobs are not returned by shoal yet; leave 'logprobs' and 'top_logprobs' out.",
-            param="logprobs",
-        )
 
 
 def _tool_use(
@@ -241,10 +248,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         "messages",
         body.max_completion_tokens or body.max_tokens,
         "chatcmpl",
+        body.logprobs_wanted,
     )
     if body.stream:
         return EventStream(_chat_events(job, body.include_usage, tool_use))
-    text, last = await job.collect()
+    text, last, logprobs = await job.collect()
     message, reason = ChatMessageOut(content=text), last.finish_reason
     if tool_use is not None:
         content, found = parse_tool_calls(tool_use.prefix + text, tool_use.fmt)
@@ -253,9 +261,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             calls = [ToolCallOut(**c.openai()) for c in tool_use.calls(found)]
             message = ChatMessageOut(content=content or None, tool_calls=calls)
             reason = "tool_calls"
-    choice = ChatChoice(message=message, finish_reason=reason)
+    choice = ChatChoice(
+        message=message, finish_reason=reason, logprobs=_chat_logprobs(job, logprobs)
+    )
     result = ChatCompletion(**job.envelope(), choices=[choice], usage=_usage(last))
     return Response(result.model_dump_json(), media_type="application/json")
+
+
+def _chat_logprobs(job: Job, found: list[TokenLogprob]) -> ChoiceLogprobs | None:
+    return chat_logprobs(job.model.tokenizer, found) if job.wants_logprobs else None
 
 
 def _chat_chunk(
@@ -269,20 +283,28 @@ async def _chat_events(
 ) -> AsyncGenerator[str, None]:
     yield sse(_chat_chunk(job, [ChatChunkChoice(delta=Delta(role="assistant", content=""))]))
     calls = ToolStream(tool_use.fmt, tool_use.prefix) if tool_use else None
+    pending: list[TokenLogprob] = []  # logprobs of tokens whose text a tool parser holds
+
+    def content(text: str) -> str:
+        logprobs = _chat_logprobs(job, pending)
+        pending.clear()
+        return sse(
+            _chat_chunk(job, [ChatChunkChoice(delta=Delta(content=text), logprobs=logprobs)])
+        )
+
     try:
         async with aclosing(job.events()) as events:
             async for event in events:
+                pending.extend(event.logprobs)
                 text = calls.feed(event.text) if calls else event.text
                 if text:
-                    delta = Delta(content=text)
-                    yield sse(_chat_chunk(job, [ChatChunkChoice(delta=delta)]))
+                    yield content(text)
                 if event.finish_reason:
                     reason = event.finish_reason
                     if calls is not None and tool_use is not None:
                         rest, found = calls.finish()
                         if rest:
-                            delta = Delta(content=rest)
-                            yield sse(_chat_chunk(job, [ChatChunkChoice(delta=delta)]))
+                            yield content(rest)
                         if found:
                             deltas = [
                                 ToolCallDelta(**c.openai(i))
@@ -312,11 +334,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         "prompt",
         body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS,
         "cmpl",
+        body.logprobs,
     )
     if body.stream:
         return EventStream(_completion_events(job, body.include_usage))
-    text, last = await job.collect()
-    choice = CompletionChoice(text=text, finish_reason=last.finish_reason)
+    text, last, logprobs = await job.collect()
+    choice = CompletionChoice(
+        text=text, finish_reason=last.finish_reason, logprobs=_completion_logprobs(job, logprobs)
+    )
     return Response(
         _completion(job, [choice], _usage(last)).model_dump_json(), media_type="application/json"
     )
@@ -328,12 +353,26 @@ def _completion(
     return Completion(**job.envelope(), choices=choices, usage=usage)
 
 
+def _completion_logprobs(
+    job: Job, found: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int = 0
+) -> CompletionLogprobs | None:
+    if not job.wants_logprobs:
+        return None
+    return completion_logprobs(job.model.tokenizer, found, offset)
+
+
 async def _completion_events(job: Job, include_usage: bool) -> AsyncGenerator[str, None]:
+    offset = 0  # characters of the text sent so far
     try:
         async with aclosing(job.events()) as events:
             async for event in events:
                 if event.text or event.finish_reason:
-                    choice = CompletionChoice(text=event.text, finish_reason=event.finish_reason)
+                    choice = CompletionChoice(
+                        text=event.text,
+                        finish_reason=event.finish_reason,
+                        logprobs=_completion_logprobs(job, event.logprobs, offset),
+                    )
+                    offset += len(event.text)
                     yield sse(_completion(job, [choice]))
                 if event.finish_reason and include_usage:
                     yield sse(_completion(job, [], _usage(event)))
