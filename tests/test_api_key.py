@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,8 @@ from shoal.models.bundled import BUNDLED_MODEL_ID as MODEL
 from shoal.node import Node
 
 from conftest import SERVER_SETTINGS, LiveServer, live_node
+from test_instances import Pair
+from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -308,3 +311,49 @@ def test_shoal_chat_with_and_without_the_key(keyed: LiveServer) -> None:
     assert without.returncode == 1, (out, err)
     assert "--api-key" in err and "SHOAL_API_KEY" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+# ---- a keyed cluster without a cluster secret --------------------------------------------------
+
+
+def test_nodes_with_the_same_key_form_a_cluster_and_a_node_with_another_does_not(
+    tmp_path: Path,
+) -> None:
+    """Peer calls carry the node's first key (cluster.peers), so a keyed cluster still talks;
+    a node with another key gets 401 on every poll, both ways, and never merges."""
+    port, hosts = 52805, {"a": "127.0.0.4", "b": "127.0.0.5"}
+    stranger = "127.0.0.6"
+    everyone = ",".join(f"{h}:{port}" for h in [*hosts.values(), stranger])
+    listed = ("--model", "none", "--peers", everyone)  # each lists all three
+    (tmp_path / "keyed").mkdir()
+    (tmp_path / "other").mkdir()
+    keyed = Pair(tmp_path / "keyed", port=port, env={"SHOAL_API_KEY": KEY}, hosts=hosts,
+                 extra=listed)  # fmt: skip
+    other = Pair(tmp_path / "other", port=port, env={"SHOAL_API_KEY": "another-key"},
+                 hosts={"c": stranger}, extra=listed)  # fmt: skip
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def names(pair: Pair, name: str, key: str) -> set[str]:
+        try:
+            answer = httpx.get(pair.url(name, "/state"), headers={"x-api-key": key}, timeout=5)
+        except httpx.HTTPError:
+            return set()
+        nodes = answer.json()["nodes"] if answer.status_code == 200 else []
+        return {n["name"] for n in nodes if n["status"] == "alive"}
+
+    try:
+        for name in hosts:
+            keyed.start(name)
+        other.start("c")
+        for name in hosts:
+            wait_for(f"{name} sees a and b", lambda n=name: names(keyed, n, KEY) == {"a", "b"},
+                     60, 0.5, detail=keyed.log)  # fmt: skip
+        wait_for("c up", lambda: names(other, "c", "another-key") == {"c"}, 60, 0.5)
+        for _ in range(3):  # several poll rounds later: still apart
+            time.sleep(1)
+            assert names(keyed, "a", KEY) == {"a", "b"}
+            assert names(other, "c", "another-key") == {"c"}
+        assert httpx.get(other.url("c", "/state"), headers=auth, timeout=5).status_code == 401
+    finally:
+        keyed.stop()
+        other.stop()
