@@ -271,3 +271,69 @@ def test_a_local_runner_failure_is_noted_once() -> None:
     assert again.notes == ()
     elsewhere = tick(pair(), runners={rid: state}, config=Config(node_id="b", leader="a"))
     assert elsewhere.notes == ()  # another node's runner: its own history says it
+
+
+# ---- the throughput floor (placement.throughput) -----------------------------------------------
+
+
+def serving(instance: InstanceSpec, tokens: int, tok_s: float | None) -> dict[str, RunnerState]:
+    """Both ranks up; rank 0 has generated `tokens` so far at `tok_s` (None: idle)."""
+    states = {}
+    for rank in range(len(instance.nodes)):
+        rid = f"{instance.instance_id}-g{instance.generation}-r{rank}"
+        status = "running" if tok_s is not None else "ready"
+        head = {"tokens": tokens, "tok_s": tok_s} if rank == 0 else {}
+        states[rid] = RunnerState(runner_id=rid, instance_id=instance.instance_id, rank=rank,
+                                  status=status, **head)  # fmt: skip
+    return states
+
+
+def serve(plan: ClusterPlan, rates: list[float | None], start: float, memory: Memory | None = None):
+    """A tick every 2 s from `start` with rank 0 at each rate (None: idle); the decisions."""
+    decisions, tokens = [], 0
+    for i, rate in enumerate(rates):
+        tokens += 0 if rate is None else 10
+        decision = tick(pair(), plan, serving(only(plan), tokens, rate), start + 2 * i,
+                        memory=memory)  # fmt: skip
+        memory, plan = decision.memory, decision.plan or plan
+        decisions.append(decision)
+    return decisions
+
+
+@pytest.mark.parametrize(
+    ("name", "rates", "moves_at"),
+    [
+        ("under the floor for 30 s of serving: moved", [24.0] * 3 + [2.5] * 20, 18),
+        ("under it only briefly: stays", [24.0] * 3 + [2.5] * 5 + [24.0] * 15, None),
+        ("idle: no samples, stays", [24.0] * 3 + [None] * 40, None),
+        (
+            "slow, idle for long, slow again: the serving seconds add up",
+            [24.0] * 3 + [2.5] * 10 + [None] * 30 + [2.5] * 10,
+            49,
+        ),
+    ],
+)
+def test_an_instance_under_its_throughput_floor_is_moved(name, rates, moves_at) -> None:
+    plan = placed(pair(), age=1000.0)
+    decisions = serve(plan, rates, NOW - 200)
+    moved = [i for i, d in enumerate(decisions) if d.plan and only(d.plan).generation == 1]
+    assert (moved[0] if moved else None) == moves_at, name
+    if moves_at is not None:
+        decision = decisions[moves_at]
+        assert "decodes 2.5 tok/s, 10% of its baseline 24.0 tok/s (floor 50%)" in only(
+            decision.plan).reason  # fmt: skip
+        ((kind, text),) = texts(decision)
+        cause = decision.notes[0].reason.fact("cause")
+        assert kind == "moved" and cause.code == "throughput_low", text
+        assert cause.number("baseline_tok_s") == 24.0 and cause.number("serving_s") >= 30.0
+
+
+def test_after_the_move_the_new_baseline_is_used() -> None:
+    plan = placed(pair(), age=1000.0)
+    first = serve(plan, [24.0] * 3 + [2.5] * 16, NOW - 200)
+    moved = first[-1]
+    assert moved.plan is not None and only(moved.plan).generation == 1
+    # the new generation runs at 2.5 tok/s from the start: its baseline, not a reason to move
+    again = serve(aged(moved.plan, 500.0), [2.5] * 40, NOW - 100, moved.memory)
+    assert all(d.plan is None or only(d.plan).generation == 1 for d in again)
+    assert all(d.alerts == {} for d in again)

@@ -6,6 +6,7 @@ import pytest
 
 from shoal.placement.preflight import check_path, preflight
 from shoal.placement.review import COOLDOWN_S, UsedPath, review, used_path_rows, used_paths
+from shoal.schema.reasons import reason as reason_of
 from shoal.schema.report import InstanceSpec, InterfaceKind, NodeReport, PathStats, RunnerState
 from shoal.schema.thresholds import Thresholds
 
@@ -114,6 +115,32 @@ def test_used_path_rows_carry_the_kind_the_source_measured(
 )  # fmt: skip
 def test_review(name, current, candidate, state, runners, move, reason):
     verdict = review(current, candidate, state, runners, NOW)
+    assert verdict.move == move, (name, verdict)
+    assert reason in verdict.reason and bool(verdict.reason) == bool(reason), (name, verdict)
+
+
+SLOW = reason_of("throughput_low", nodes=("a",), floor=0.5,
+                 measured={"tok_s": 2.5, "baseline_tok_s": 24.0, "share": 2.5 / 24.0,
+                           "serving_s": 30.0})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "current", "candidate", "state", "move", "reason"),
+    [
+        ("under its floor: moves to the best layout", spec(VPN), spec(CABLE, 1), reports(), True,
+         "decodes 2.5 tok/s, 10% of its baseline 24.0 tok/s"),
+        ("under its floor on the best layout: a new generation of it", spec(), spec(CABLE, 1),
+         reports(), True, "of its baseline 24.0"),
+        ("under its floor, nowhere to go: an alert", spec(), None, reports(), False,
+         "decodes 2.5 tok/s"),
+        ("under its floor within the cooldown: stays", spec(age=COOLDOWN_S / 2), spec(CABLE, 1),
+         reports(), False, ""),
+        ("a node gone says so first", spec(), spec(VPN, 1), reports()[:1], True,
+         "node b is gone"),
+    ],
+)  # fmt: skip
+def test_review_of_a_slow_instance(name, current, candidate, state, move, reason):
+    verdict = review(current, candidate, state, {}, NOW, slow=SLOW)
     assert verdict.move == move, (name, verdict)
     assert reason in verdict.reason and bool(verdict.reason) == bool(reason), (name, verdict)
 

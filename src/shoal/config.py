@@ -194,6 +194,11 @@ class RunSettings:
         DEFAULT_MAX_PROMPT_CHARS,
         "longest prompt in characters, every message's text together; longer is a 400",
     )
+    min_throughput_ratio: float = _flag(
+        0.5,
+        "re-place an instance whose decode tok/s stays under this share of its own baseline "
+        "(its best first rates after placement) for 30 s of serving; 0 = never",
+    )
     suspect_after: float = _flag(1.0, "seconds without a report before a peer is suspect")
     gone_after: float = _flag(
         2.0,
@@ -211,6 +216,10 @@ class RunSettings:
             raise StartupError(
                 f"--suspect-after {self.suspect_after} and --gone-after {self.gone_after}: "
                 "use 0 < suspect-after < gone-after"
+            )
+        if not 0 <= self.min_throughput_ratio < 1:
+            raise StartupError(
+                f"--min-throughput-ratio {self.min_throughput_ratio}: use 0 (off) up to under 1"
             )
         if self.min_nodes < 1:
             raise StartupError(f"--min-nodes {self.min_nodes} is too small: use 1 or more")

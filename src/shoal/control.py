@@ -31,6 +31,7 @@ from shoal.placement.plan import (
 )
 from shoal.placement.planner import Refusal
 from shoal.placement.preflight import PathCheck, preflight
+from shoal.placement.throughput import Floor
 from shoal.schema.address import base_url
 from shoal.schema.reasons import Reason, event_fields, render
 from shoal.schema.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
@@ -59,6 +60,7 @@ class Controller:
         context_tokens: int | None = None,
         library: Library | None = None,
         capabilities: tuple[tuple[str, ...], tuple[str, ...]] = (("torch:cpu",), ("gloo",)),
+        min_throughput_ratio: float = Floor.ratio,
     ) -> None:
         self.service = service
         self.engines, self.backends = capabilities  # what this node reports it can run
@@ -70,6 +72,7 @@ class Controller:
         self.events = service.events
         self.thresholds = service.settings.thresholds
         self.memory = Memory()  # what the tick keeps between ticks (placement.decide)
+        self.floor = Floor(ratio=min_throughput_ratio)  # re-place an instance this slow
         self._started = time.time()
         self._best_rates: dict[str, float] = {}
 
@@ -134,6 +137,7 @@ class Controller:
             leader=self.leader(),
             started_at=self._started,
             heard_peers=any(r.node_id != self.node_id for r in reports),
+            floor=self.floor,
             thresholds=self.thresholds,
             context_tokens=self.context_tokens,
             local_runners=frozenset(s.runner_id for s in local),

@@ -292,6 +292,7 @@ class Node:
                 self.settings.max_seq_len,
                 self.library,
                 capabilities=(self.engines, self.backends),
+                min_throughput_ratio=self.settings.min_throughput_ratio,
             )
             try:
                 await self.cluster.start(self.controller)

@@ -130,8 +130,8 @@ class _Runner:
         """tok/s between two token counts taken while generating."""
         now, (then, before) = time.monotonic(), self._last_count
         self._last_count = (now, tokens)
-        if tokens <= before or now - then > 3 * TOKENS_EVERY_S:  # idle in between: no rate
-            return {"tokens": tokens}
+        if tokens <= before or now - then > 3 * TOKENS_EVERY_S:  # idle in between: no rate,
+            return {"tokens": tokens, "tok_s": None}  # nor the last one (placement.throughput)
         return {"tokens": tokens, "tok_s": round((tokens - before) / (now - then), 2)}
 
     def stop(self) -> None:

@@ -34,6 +34,7 @@ from shoal.placement.plan import (
 from shoal.placement.planner import Placement, PlacementRequest, plan
 from shoal.placement.preflight import preflight
 from shoal.placement.review import retry_after, review
+from shoal.placement.throughput import Floor, RateWatch, watch
 from shoal.schema.reasons import CandidateReason, Reason, Refusal, reason
 from shoal.schema.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
 from shoal.schema.thresholds import Thresholds
@@ -68,6 +69,7 @@ class Config:
     context_tokens: int | None = None  # the KV budget asked for (None: the model's window)
     local_runners: frozenset[str] = frozenset()  # runner ids this node runs (their failures
     # are noted in this node's history)
+    floor: Floor = field(default_factory=Floor)  # the throughput floor (--min-throughput-ratio)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Memory:
     runner_status: Mapping[str, str] = field(default_factory=dict)  # runner id -> last status
     failures: Mapping[str, int] = field(default_factory=dict)  # instance -> failures in a row
     alerts: Mapping[str, Reason] = field(default_factory=dict)  # instance -> why it is stuck
+    rates: Mapping[str, RateWatch] = field(default_factory=dict)  # instance -> its decode rate
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ def decide(
     adopted = newest_plan(current, reports)
     refused = dict(memory.auto_refused)
     failures = dict(memory.failures)
+    rates = dict(memory.rates)
     alerts: dict[str, Reason] = {}
     grace = LEADER_HEARD_GRACE_S if config.heard_peers else LEADER_GRACE_S
     leading = config.leader == config.node_id and now - config.started_at >= grace
@@ -138,7 +142,7 @@ def decide(
                     Note("refused", _auto_refused(want, result), (("model", want.model_id),))
                 )
         adopted = _review_all(
-            adopted, reports, runners, cards, now, config, failures, alerts, notes
+            adopted, reports, runners, cards, now, config, failures, alerts, notes, rates
         )
         for iid, why in alerts.items():
             before = memory.alerts.get(iid)
@@ -160,6 +164,7 @@ def decide(
         runner_status=statuses,
         failures={iid: n for iid, n in failures.items() if iid in placed},
         alerts=alerts,
+        rates={iid: w for iid, w in rates.items() if iid in placed},
     )
     return Decision(adopted if adopted != current else None, tuple(notes), tuple(logs), kept)
 
@@ -174,11 +179,15 @@ def _review_all(
     failures: dict[str, int],
     alerts: dict[str, Reason],
     notes: list[Note],
+    rates: dict[str, RateWatch],
 ) -> ClusterPlan:
-    """Move instances that cannot serve as placed, or whose paths got much slower; an
-    instance that should move and has nowhere to go becomes an alert."""
+    """Move instances that cannot serve as placed, whose paths got much slower, or whose
+    decode rate stays under its floor; one that should move and has nowhere to go becomes an
+    alert."""
     for instance in current.instances:
         iid = instance.instance_id
+        head = runners.get(runner_of(instance, 0))
+        rates[iid], slow = watch(rates.get(iid), instance, head, now, config.floor)
         if _serving(instance, runners):
             failures.pop(iid, None)
         ask = PlaceAsk(
@@ -193,7 +202,7 @@ def _review_all(
         result = place(ask, reports, cards, now, config, iid, generation=instance.generation + 1)
         candidate = result if isinstance(result, InstanceSpec) else None
         wait = retry_after(failures.get(iid, 0))
-        verdict = review(instance, candidate, reports, runners, now, retry_after_s=wait)
+        verdict = review(instance, candidate, reports, runners, now, retry_after_s=wait, slow=slow)
         if verdict.move and candidate is not None and verdict.why is not None:
             moved = candidate.model_copy(update={"reason": verdict.reason})
             current = with_instance(current, moved)

@@ -7,7 +7,10 @@ An instance moves (the leader writes a new generation of it) when:
 3. its slowest used path got much slower than the best layout available now (more than
    SLOWER_FACTOR x and SLOWER_MARGIN_MS slower), which is how a cluster that came back over a
    VPN after a restart finds its cable again (seed 002). Loopback paths do not count: their
-   RTT measures how busy the host is, which no other layout on the same host escapes.
+   RTT measures how busy the host is, which no other layout on the same host escapes;
+4. its decode rate stayed under its throughput floor (placement.throughput, `slow`): it moves
+   to the best layout there is now, even the same one (a new generation: fresh runners, and a
+   new baseline, so a layout that is simply this slow is moved once, not again and again).
 
 Each move needs a candidate layout; without one the instance stays and the reason becomes an
 alert. Moves for slowness wait COOLDOWN_S after the last placement, so paths cannot flap it;
@@ -126,15 +129,19 @@ def review(
     runners: Mapping[str, RunnerState],
     now: float,
     retry_after_s: float = RETRY_AFTER_S,
+    slow: Reason | None = None,
 ) -> Verdict:
-    """retry_after_s: how long after placing a failed runner's instance may be placed again."""
+    """retry_after_s: how long after placing a failed runner's instance may be placed again;
+    slow: why its decode rate is under its floor (placement.throughput), if it is."""
     by_id = {r.node_id: r for r in reports}
     problem = _broken(instance, by_id, runners, now, retry_after_s)
     if problem:
         return Verdict(candidate is not None, problem)
-    if candidate is None or _same_layout(instance, candidate):
-        return KEEP
     if now - instance.created_at < COOLDOWN_S:
+        return KEEP
+    if slow is not None:  # without a candidate: an alert that says so
+        return Verdict(candidate is not None, slow)
+    if candidate is None or _same_layout(instance, candidate):
         return KEEP
     current, path = slowest(by_id, instance)
     best, _ = slowest(by_id, candidate)

@@ -166,6 +166,8 @@ TEMPLATES: dict[str, str] = {
     "path_down": "path {src:short} -> {dst:short} at {host} is down",
     "path_slower": "path {src:short} -> {dst:short} at {host} now takes {current_ms:.1f} ms; "
     "a layout whose slowest path takes {best_ms:.1f} ms is available",
+    "throughput_low": "rank 0 on {node:short} decodes {tok_s:.1f} tok/s, {share:.0%} of its "
+    "baseline {baseline_tok_s:.1f} tok/s (floor {floor:.0%}), for {serving_s:.0f} s of serving",
     # the leader's tick and the node's history
     "auto_refused": "waiting to place {model} (--min-nodes {min_nodes}): {refusal}",
     "auto_placed": "placed {model} on {nodes} (auto, --min-nodes {min_nodes})",
