@@ -917,3 +917,18 @@ def test_client_raises_its_own_errors_and_the_node_serves_on(client: anthropic.A
         model=MODEL, max_tokens=12, messages=[_user(FRANCE)], extra_body={"temperature": 0}
     )
     assert "Paris" in _text_of(message)
+
+
+def test_message_start_counts_the_input_and_a_stop_sequence_is_named(
+    client: anthropic.Anthropic,
+) -> None:
+    ask = dict(model=MODEL, max_tokens=24, messages=[_user(FRANCE)], stop_sequences=["Paris"])
+    counted = client.messages.count_tokens(model=MODEL, messages=[_user(FRANCE)])
+    whole = client.messages.create(**ask, extra_body={"temperature": 0})
+    assert (whole.stop_reason, whole.stop_sequence) == ("stop_sequence", "Paris")
+    assert "Paris" not in _text_of(whole)
+    events = list(client.messages.create(**ask, stream=True, extra_body={"temperature": 0}))
+    assert events[0].type == "message_start"
+    assert events[0].message.usage.input_tokens == counted.input_tokens
+    delta = next(e for e in events if e.type == "message_delta")
+    assert (delta.delta.stop_reason, delta.delta.stop_sequence) == ("stop_sequence", "Paris")

@@ -133,6 +133,21 @@ def test_stop_string_ends_the_answer_before_it(client: openai.OpenAI) -> None:
     text = result.choices[0].message.content or ""
     assert text.startswith("The capital of France") and "Paris" not in text
     assert result.choices[0].finish_reason == "stop"
+    assert result.choices[0].model_extra["stop_reason"] == "Paris"  # vLLM's field
+
+
+def test_continuous_usage_counts_every_chunk(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=FRANCE, temperature=0, max_tokens=6, stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )  # fmt: skip
+    prompt = chunks[0].usage.prompt_tokens
+    assert prompt > 0 and chunks[0].usage.completion_tokens == 0
+    done = [c.usage.completion_tokens for c in chunks]
+    assert done == sorted(done) and done[-1] == 6
+    assert {c.usage.prompt_tokens for c in chunks} == {prompt}
 
 
 @pytest.mark.parametrize("limit", ["max_tokens", "max_completion_tokens"])

@@ -89,7 +89,8 @@ async def messages(request: Request) -> Response:
 
 
 async def _stream(host: Any, body: MessagesRequest, chat: dict[str, Any]) -> Response:
-    chunks = upstream.stream(host, chat)
+    # Usage in every chunk: message_start then carries the real input_tokens.
+    chunks = upstream.stream(host, {**chat, "stream_options": {"continuous_usage_stats": True}})
     # Wait for the first chunk before the headers go out: a refusal (unknown model, context
     # too long, no rank 0) is then an HTTP status, not an in-stream error.
     try:
@@ -105,11 +106,10 @@ async def _events(
 ) -> AsyncIterator[str]:
     try:
         async with aclosing(chunks):  # type: ignore[type-var]
-            for event in translator.start():
+            opened = translator.feed(first) if first is not None else []  # its usage first
+            for event in translator.start() + opened:
                 yield frame(event)
             if first is not None:
-                for event in translator.feed(first):
-                    yield frame(event)
                 async for chunk in chunks:
                     for event in translator.feed(chunk):
                         yield frame(event)

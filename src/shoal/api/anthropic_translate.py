@@ -300,9 +300,9 @@ class StreamTranslator:
 
     Anthropic's blocks come one after another: a text block opens at the first text, a
     tool_use block at the first delta of each OpenAI tool call index (id and name), and each
-    closes when the next opens or the message ends. The runner reports usage only in its
-    last chunk, so message_start carries input_tokens 0 and message_delta the real input and
-    output counts (its usage fields are cumulative totals clients overwrite theirs with)."""
+    closes when the next opens or the message ends. message_start carries the usage fed so
+    far (the input tokens, when the upstream's first chunk had usage), message_delta the
+    final input and output counts (cumulative totals clients overwrite theirs with)."""
 
     def __init__(self, model: str, stop_sequences: Iterable[str] = (), id: str | None = None):
         self.model, self.stop_sequences, self.id = model, tuple(stop_sequences), id or new_id()
@@ -322,7 +322,7 @@ class StreamTranslator:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "usage": {**usage_of(self.usage), "output_tokens": 0},
         }
         return [{"type": "message_start", "message": message}]
 

@@ -108,7 +108,8 @@ async def stream(
     sends mid-stream (headers already sent) is raised where it arrives."""
     check_limits(host, body, fields)
     url = await _base_url(host, str(body.get("model")))
-    payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    options = {"include_usage": True, **(body.get("stream_options") or {})}
+    payload = {**body, "stream": True, "stream_options": options}
     request = host.peers.relay.build_request("POST", url + path, json=payload)
     try:
         response = await host.peers.relay.send(request, stream=True)

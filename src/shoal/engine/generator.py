@@ -44,6 +44,7 @@ class Event:
     finish_reason: str | None = None  # stop | length | cancelled | error
     error: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()  # of this event's tokens, when the request asked
+    stop_sequence: str | None = None  # the stop string that ended it (finish_reason "stop")
 
 
 @dataclass(eq=False)
@@ -409,8 +410,10 @@ class Generator:
             return
         seq.finish_reason = reason
         ids = () if token is None else (token,)
-        logprobs = seq.take_logprobs()
-        seq.on_event(Event(text, ids, len(seq.prompt), len(seq.output), reason, error, logprobs))
+        logprobs, matched = seq.take_logprobs(), seq.stopper.matched
+        seq.on_event(
+            Event(text, ids, len(seq.prompt), len(seq.output), reason, error, logprobs, matched)
+        )
 
     def _drop_cancelled(self) -> None:
         for seq in self._active:

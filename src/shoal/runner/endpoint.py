@@ -251,7 +251,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         body.logprobs_wanted,
     )
     if body.stream:
-        return EventStream(_chat_events(job, body.include_usage, tool_use))
+        return EventStream(_chat_events(job, body, tool_use))
     text, last, logprobs = await job.collect()
     message, reason = ChatMessageOut(content=text), last.finish_reason
     if tool_use is not None:
@@ -262,7 +262,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             message = ChatMessageOut(content=content or None, tool_calls=calls)
             reason = "tool_calls"
     choice = ChatChoice(
-        message=message, finish_reason=reason, logprobs=_chat_logprobs(job, logprobs)
+        message=message,
+        finish_reason=reason,
+        logprobs=_chat_logprobs(job, logprobs),
+        stop_reason=last.stop_sequence,
     )
     result = ChatCompletion(**job.envelope(), choices=[choice], usage=_usage(last))
     return Response(result.model_dump_json(), media_type="application/json")
@@ -279,22 +282,25 @@ def _chat_chunk(
 
 
 async def _chat_events(
-    job: Job, include_usage: bool, tool_use: ToolUse | None = None
+    job: Job, body: ChatCompletionRequest, tool_use: ToolUse | None = None
 ) -> AsyncGenerator[str, None]:
-    yield sse(_chat_chunk(job, [ChatChunkChoice(delta=Delta(role="assistant", content=""))]))
     calls = ToolStream(tool_use.fmt, tool_use.prefix) if tool_use else None
     pending: list[TokenLogprob] = []  # logprobs of tokens whose text a tool parser holds
+    so_far = Usage(prompt_tokens=len(job.prompt), completion_tokens=0, total_tokens=len(job.prompt))
+
+    def chunk(choices: list[ChatChunkChoice]) -> str:
+        return sse(_chat_chunk(job, choices, so_far if body.continuous_usage else None))
 
     def content(text: str) -> str:
         logprobs = _chat_logprobs(job, pending)
         pending.clear()
-        return sse(
-            _chat_chunk(job, [ChatChunkChoice(delta=Delta(content=text), logprobs=logprobs)])
-        )
+        return chunk([ChatChunkChoice(delta=Delta(content=text), logprobs=logprobs)])
 
+    yield chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""))])
     try:
         async with aclosing(job.events()) as events:
             async for event in events:
+                so_far = _usage(event)
                 pending.extend(event.logprobs)
                 text = calls.feed(event.text) if calls else event.text
                 if text:
@@ -310,12 +316,14 @@ async def _chat_events(
                                 ToolCallDelta(**c.openai(i))
                                 for i, c in enumerate(tool_use.calls(found))
                             ]
-                            choice = ChatChunkChoice(delta=Delta(tool_calls=deltas))
-                            yield sse(_chat_chunk(job, [choice]))
+                            yield chunk([ChatChunkChoice(delta=Delta(tool_calls=deltas))])
                             reason = "tool_calls"
-                    final = ChatChunkChoice(delta=Delta(), finish_reason=reason)
-                    yield sse(_chat_chunk(job, [final]))
-                    if include_usage:
+                    stopped = event.stop_sequence if reason == "stop" else None
+                    final = ChatChunkChoice(
+                        delta=Delta(), finish_reason=reason, stop_reason=stopped
+                    )
+                    yield chunk([final])
+                    if body.include_usage:
                         yield sse(_chat_chunk(job, [], _usage(event)))
     except ApiError as exc:  # headers are sent: the error travels in the stream
         yield sse(exc.body())

@@ -48,6 +48,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class Sampling(_Request):
@@ -72,6 +73,10 @@ class Sampling(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 
 class FunctionCall(_Request):
@@ -216,6 +221,8 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     finish_reason: FinishReason
     logprobs: ChoiceLogprobs | None = None
+    # vLLM's: the stop string that ended the answer (absent for an end-of-turn token)
+    stop_reason: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatCompletion(BaseModel):
@@ -244,6 +251,7 @@ class ChatChunkChoice(BaseModel):
     delta: Delta
     finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
+    stop_reason: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatCompletionChunk(BaseModel):
