@@ -386,7 +386,10 @@ def test_runbook_places_and_chats_then_delete_frees_the_runners(pair: Pair) -> N
 
 
 def test_min_nodes_places_the_model_once_enough_nodes_hold_it(tmp_path: Path) -> None:
-    auto = Pair(tmp_path, port=PORT + 1, extra=("--model", "bundled", "--min-nodes", "2"))
+    # with a cluster secret (the runbook test covers a cluster without one): reports, the
+    # plan and the token relay to rank 0 all signed
+    auto = Pair(tmp_path, port=PORT + 1, extra=("--model", "bundled", "--min-nodes", "2"),
+                env={"SHOAL_CLUSTER_SECRET": "pair-secret"})  # fmt: skip
     try:
         auto.start("a")
         wait_for("a up", lambda: auto.json("a", "/state") is not None, timeout=60)
@@ -410,6 +413,15 @@ def test_min_nodes_places_the_model_once_enough_nodes_hold_it(tmp_path: Path) ->
             max_tokens=24, temperature=0,
         )  # fmt: skip
         assert "Paris" in (answer.choices[0].message.content or "")
+        # rank 0's endpoint answers signed calls only: the nodes' relays, not anyone else
+        port = next(r["port"] for r in auto.json("b", "/state")["runners"].values() if r["port"])
+        refused = []
+        for host in HOSTS.values():
+            try:
+                refused.append(httpx.get(f"http://{host}:{port}/v1/models", timeout=5))
+            except httpx.ConnectError:
+                continue
+        assert refused and all(r.status_code == 401 for r in refused), refused
 
         # A 2-core host pegged by loading and decoding starves the probes for a while (a
         # loopback "degraded" or even "down" is then true); once idle, no alert stands.

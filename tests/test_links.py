@@ -137,7 +137,8 @@ def test_inbound_records_expire_and_are_capped() -> None:
 
 @pytest.mark.parametrize("secret", [None, b"cluster-secret"])
 def test_wire_round_trip(secret: bytes | None) -> None:
-    for message in (wire.Probe("A", NS, "n1", "127.0.0.3:7000"), wire.Ack("B", NS, "n1")):
+    ts = f"{time.time():.3f}" if secret else None  # a signed probe carries its send time
+    for message in (wire.Probe("A", NS, "n1", "127.0.0.3:7000", ts), wire.Ack("B", NS, "n1")):
         data = wire.encode(message, secret)
         assert len(data) < 200 and wire.decode(data, NS, secret) == message
         reordered = json.dumps(dict(reversed(json.loads(data).items()))).encode()
@@ -157,6 +158,8 @@ def _raw(body: dict[str, Any]) -> bytes:
 SIGNED_WITH_OTHER_KEY = wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1"), b"other-secret")
 TAMPERED = json.loads(wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1"), b"k"))
 TAMPERED["nonce"] = "n2"
+STALE = wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1", f"{time.time() - 60:.3f}"), b"k")
+AHEAD = wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1", f"{time.time() + 60:.3f}"), b"k")
 
 
 @pytest.mark.parametrize(
@@ -179,6 +182,9 @@ TAMPERED["nonce"] = "n2"
         (_raw(_body()), b"k", "unsigned"),
         (SIGNED_WITH_OTHER_KEY, b"k", "bad signature"),
         (_raw(TAMPERED), b"k", "bad signature"),
+        (wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1"), b"k"), b"k", "bad field 'ts'"),
+        (STALE, b"k", "stale: signed 60 s ago"),
+        (AHEAD, b"k", "in the future"),
     ],
 )
 def test_wire_rejects(data: bytes, secret: bytes | None, reason: str) -> None:
@@ -334,14 +340,15 @@ def test_garbage_foreign_and_unsigned_datagrams_get_no_answer() -> None:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
                 raw.bind(("127.0.0.6", 0))
                 raw.setblocking(False)
-                target = addr(a)
+                target, now = addr(a), f"{time.time():.3f}"
                 junk = [
                     b"\x00garbage",
                     b"{" * 5000,
                     wire.encode(wire.Probe("X", NS, "unsigned", target)),
                     wire.encode(wire.Probe("X", "other-ns", "foreign", target), b"k"),
                     wire.encode(wire.Ack("X", NS, "stray"), b"k"),
-                    wire.encode(wire.Probe("X", NS, "good", target), b"k"),
+                    good := wire.encode(wire.Probe("X", NS, "good", target, now), b"k"),
+                    good,  # replayed: dropped
                 ]
                 for data in junk:
                     raw.sendto(data, a.address)
@@ -352,6 +359,19 @@ def test_garbage_foreign_and_unsigned_datagrams_get_no_answer() -> None:
                     raw.recv(4096)  # nothing else was answered
                 seen = a.inbound("X")
                 assert len(seen) == 1 and seen[0].received == 1
+
+    run(scenario)
+
+
+def test_nodes_with_one_secret_measure_each_other_both_ways() -> None:
+    async def scenario() -> None:
+        a = prober("A", "127.0.0.2", secret=b"one", reply_timeout=2.0)
+        b = prober("B", "127.0.0.3", secret=b"one", reply_timeout=2.0)
+        async with running(a, b):
+            a.set_targets({"B": [b.address]})
+            path = a.path("B", addr(b))
+            assert path is not None
+            await wait_until(lambda: path.received >= 3 and bool(b.inbound("A")))
 
     run(scenario)
 

@@ -47,13 +47,13 @@ def lab(tmp_path: Path) -> Iterator[tuple[Lab, Namespace, Namespace, Path]]:
 
 
 def start_node(
-    lab: Lab, ns: Namespace, name: str, home: Path, namespace: str, port: int = PORT
+    lab: Lab, ns: Namespace, name: str, home: Path, namespace: str, port: int = PORT, *extra: str
 ) -> None:
     env = {**os.environ, "SHOAL_HOME": str(home / name)}
     args = [
         sys.executable, "-m", "shoal.cli", "run", "--model", "none", "--api-port", str(port),
         "--discovery-interfaces", "eth1,eth2", "--namespace", namespace, "--node-name", name,
-        "--suspect-after", "1.5", "--gone-after", "3",
+        "--suspect-after", "1.5", "--gone-after", "3", *extra,
     ]  # fmt: skip
     lab.start(ns, args, env, str(home / f"{name}.log"))
 
@@ -130,3 +130,27 @@ def test_node_of_another_namespace_never_merges(lab):
     time.sleep(4)  # several announcement and poll rounds
     assert set(names(get(a, "/cluster/nodes"))) == {"A", "B"}
     assert set(names(get(b, "/cluster/nodes", PORT + 1))) == {"C"}
+
+
+def test_only_nodes_with_the_cluster_secret_merge(lab):
+    lab, a, b, home = lab
+    namespace, secret = f"lab-{uuid.uuid4().hex[:8]}", f"secret-{uuid.uuid4().hex}"
+    start_node(lab, a, "A", home, namespace, PORT, "--cluster-secret", secret)
+    start_node(lab, b, "B", home, namespace, PORT, "--cluster-secret", secret)
+    start_node(lab, b, "C", home, namespace, PORT + 1, "--cluster-secret", "another")
+    start_node(lab, b, "D", home, namespace, PORT + 2)  # no secret at all
+    wait_for("A and B meet", lambda: both_alive(a) and both_alive(b), 60)
+
+    def refused_on_a() -> dict[str, str]:
+        rows = (get(a, "/state") or {}).get("refused", [])
+        return {r["name"]: r["reason"] for r in rows}
+
+    def c_and_d_refused() -> bool:
+        reasons = " | ".join(refused_on_a().values())
+        return "bad signature" in reasons and "not signed" in reasons
+
+    wait_for("C and D refused on A", c_and_d_refused, 20, detail=refused_on_a)
+    assert set(names(get(a, "/cluster/nodes"))) == {"A", "B"}
+    assert set(names(get(b, "/cluster/nodes"))) == {"A", "B"}
+    assert set(names(get(b, "/cluster/nodes", PORT + 1))) == {"C"}
+    assert secret not in json.dumps(get(a, "/state")) + json.dumps(get(b, "/cluster/nodes"))

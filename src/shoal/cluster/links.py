@@ -23,6 +23,7 @@ from typing import Any
 from shoal.cluster import probe_wire as wire
 from shoal.cluster.ratelimit import RateLimiter
 from shoal.schema.report import InterfaceKind, PathStats
+from shoal.web.signing import WINDOW_S, NonceCache
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +279,7 @@ class Prober(asyncio.DatagramProtocol):
         # Every peer sends about one probe (and one ack) a second per address pair; several
         # nodes may share a source address (one host, NAT).
         self.flood = RateLimiter(PROBE_RATE_PER_S, PROBE_BURST)
+        self._seen = NonceCache()  # with a secret: probes already answered (replays dropped)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -340,7 +342,9 @@ class Prober(asyncio.DatagramProtocol):
         for key, addr in self._targets.items():
             nonce = secrets.token_hex(8)
             self.table.record_sent(key.peer_node_id, key.peer_addr, nonce, now)
-            self._send(wire.Probe(self.node_id, self.namespace_hash, nonce, key.peer_addr), addr)
+            ts = f"{time.time():.3f}" if self.secret is not None else None
+            probe = wire.Probe(self.node_id, self.namespace_hash, nonce, key.peer_addr, ts)
+            self._send(probe, addr)
 
     async def _run(self) -> None:
         while True:
@@ -373,11 +377,16 @@ class Prober(asyncio.DatagramProtocol):
             return
         source = wire.format_addr(str(addr[0]), int(addr[1]))  # addr keeps an IPv6 scope id
         try:
-            message = wire.decode(data, self.namespace_hash, self.secret)
+            message = wire.decode(data, self.namespace_hash, self.secret, time.time())
         except wire.WireError as exc:
             logger.debug("link probe from %s dropped: %s", source, exc)
             return
         if isinstance(message, wire.Probe):
+            if self.secret is not None and message.ts is not None:
+                key, expires = f"{message.sender}/{message.nonce}", float(message.ts) + WINDOW_S
+                if not self._seen.add(key, expires, time.time()):
+                    logger.debug("link probe from %s dropped: replayed", source)
+                    return
             self._send(wire.Ack(self.node_id, self.namespace_hash, message.nonce), addr)
             if message.sender != self.node_id:  # our own probe looped back: not a path
                 self._record_inbound(message, source, now)

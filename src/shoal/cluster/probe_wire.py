@@ -1,13 +1,16 @@
 """Wire format of link probes: small versioned JSON datagrams over UDP, optionally HMAC-signed.
 
 probe: {"v": 1, "t": "probe", "from": <node id>, "ns": <namespace hash>, "nonce": <str>,
-        "to": <"host:port" the sender targeted>, "sig": <hex, only with a cluster secret>}
+        "to": <"host:port" the sender targeted>, "ts": <send time, with a cluster secret>,
+        "sig": <hex, only with a cluster secret>}
 ack:   {"v": 1, "t": "ack", "node": <node id>, "ns": ..., "nonce": <the probe's nonce>, "sig": ...}
 
 Datagrams come from anyone on the network, so decoding is strict: size first (before any
-parsing), then shape, version, namespace and signature. Every rejection is a WireError with a
-short reason; the prober logs it and drops the datagram. Unknown extra fields are ignored so a
-newer peer that adds one still talks to us. Never pickle: a datagram is data, not code.
+parsing), then shape, version, namespace and signature (shoal.web.signing's HMAC; a signed
+probe must also be fresh, and the prober refuses a nonce it has seen: no replays). Every
+rejection is a WireError with a short reason; the prober logs it and drops the datagram.
+Unknown extra fields are ignored so a newer peer that adds one still talks to us. Never
+pickle: a datagram is data, not code.
 
 Also here: which local address and interface a probe leaves from (a connected UDP socket asks
 the kernel's routing; psutil names the interface that holds the address).
@@ -15,11 +18,11 @@ the kernel's routing; psutil names the interface that holds the address).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import json
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +31,7 @@ import psutil
 
 from shoal.schema.address import interface_holding
 from shoal.schema.report import InterfaceKind
+from shoal.web.signing import SignatureError, check_fresh, mac
 
 WIRE_VERSION = 1
 MAX_DATAGRAM_BYTES = 2048  # a probe is ~150 bytes; anything larger is not ours
@@ -44,6 +48,7 @@ class Probe:
     namespace: str
     nonce: str
     target: str  # "host:port" the prober sent to: the receiver's local address of this path
+    ts: str | None = None  # wall-clock send time: with a cluster secret, checked for freshness
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ def _signature(body: dict[str, Any], secret: bytes) -> str:
     # Canonical form: sorted keys, no whitespace, without "sig" itself.
     unsigned = {k: v for k, v in body.items() if k != "sig"}
     canonical = json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
-    return hmac.new(secret, canonical, hashlib.sha256).hexdigest()
+    return mac(secret, "shoal-probe-1", canonical)
 
 
 def encode(message: Message, secret: bytes | None = None) -> bytes:
@@ -78,6 +83,8 @@ def encode(message: Message, secret: bytes | None = None) -> bytes:
             "nonce": message.nonce,
             "to": message.target,
         }
+        if message.ts is not None:
+            body["ts"] = message.ts
     else:
         body = {
             "v": WIRE_VERSION,
@@ -101,8 +108,11 @@ def _text(body: dict[str, Any], key: str) -> str:
     return value
 
 
-def decode(data: bytes, namespace: str, secret: bytes | None = None) -> Message:
-    """Parse one datagram addressed to `namespace`; raise WireError for anything else."""
+def decode(
+    data: bytes, namespace: str, secret: bytes | None = None, now: float | None = None
+) -> Message:
+    """Parse one datagram addressed to `namespace`; raise WireError for anything else. With a
+    secret, a probe must be signed and sent within the window of `now` (wall clock)."""
     if len(data) > MAX_DATAGRAM_BYTES:
         raise WireError(f"oversized: {len(data)} bytes")
     try:
@@ -127,7 +137,13 @@ def decode(data: bytes, namespace: str, secret: bytes | None = None) -> Message:
             raise WireError("bad signature")
     nonce = _text(body, "nonce")
     if kind == "probe":
-        return Probe(_text(body, "from"), namespace, nonce, _text(body, "to"))
+        ts = _text(body, "ts") if secret is not None or "ts" in body else None
+        if secret is not None and ts is not None:
+            try:
+                check_fresh(ts, now if now is not None else time.time())
+            except SignatureError as exc:
+                raise WireError(str(exc)) from None
+        return Probe(_text(body, "from"), namespace, nonce, _text(body, "to"), ts)
     return Ack(_text(body, "node"), namespace, nonce)
 
 

@@ -110,7 +110,8 @@ def _fields(headers: Mapping[str, str], names: tuple[str, ...]) -> list[str]:
     return [v for v in values if v is not None]
 
 
-def _check_fresh(ts: str, now: float, window: float) -> None:
+def check_fresh(ts: str, now: float, window: float = WINDOW_S) -> None:
+    """SignatureError unless the timestamp (seconds, as sent) is within the window of now."""
     if not _TS.fullmatch(ts):
         raise SignatureError("malformed", "malformed signature headers: bad timestamp")
     skew = float(ts) - now
@@ -178,7 +179,7 @@ def verify_request(
     node, ts, nonce, sig = _fields(headers, HEADERS)
     if not (_NODE.fullmatch(node) and _NONCE.fullmatch(nonce) and _SIG.fullmatch(sig)):
         raise SignatureError("malformed", "malformed signature headers")
-    _check_fresh(ts, now, window)
+    check_fresh(ts, now, window)
     expected = _request_mac(secret, method, target, body_digest(body), node, ts, nonce)
     if not hmac.compare_digest(sig, expected):
         raise _bad_signature()
@@ -201,7 +202,7 @@ def verify_response(
     node, ts, sig = _fields(headers, (HEADER_NODE, HEADER_TS, HEADER_SIG))
     if not (_NODE.fullmatch(node) and _SIG.fullmatch(sig)):
         raise SignatureError("malformed", "malformed signature headers")
-    _check_fresh(ts, now, window)
+    check_fresh(ts, now, window)
     expected = _response_mac(secret, request_nonce, status, body_digest(body), node, ts)
     if not hmac.compare_digest(sig, expected):
         raise _bad_signature()
