@@ -249,3 +249,23 @@ def test_a_peer_route_flood_is_429_with_a_body_and_the_node_serves(capped: LiveS
     assert refused.json()["error"]["code"] == "rate_limited"
     assert httpx.get(f"{capped.url}/health", timeout=10).status_code == 200
     assert chat(capped).status_code == 200
+
+
+def test_a_request_naming_no_max_tokens_gets_at_most_the_cap(capped: LiveServer) -> None:
+    body = {"model": MODEL, "messages": FRANCE, "ignore_eos": True}  # would fill the context
+    r = httpx.post(f"{capped.base_url}/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] == CAPS["max_tokens_cap"]
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_rank_0_refuses_max_tokens_over_the_cap_itself(capped: LiveServer) -> None:
+    url, why = capped.node.endpoint(MODEL)
+    assert url is not None, why
+    body = {"model": MODEL, "messages": FRANCE, "max_tokens": CAPS["max_tokens_cap"] + 1}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (
+        "max_tokens",
+        "max_tokens_too_large",
+    )

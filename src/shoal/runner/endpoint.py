@@ -36,7 +36,11 @@ from shoal.runner.tools import (
     template_renders_tools,
     tool_format,
 )
-from shoal.schema.limits import DEFAULT_CLIENT_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
+from shoal.schema.limits import (
+    DEFAULT_CLIENT_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_TOKENS_CAP,
+)
 from shoal.schema.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -145,9 +149,18 @@ def _admit(
     max_tokens: int | None,
     id_prefix: str,
     logprobs: int | None = None,
+    cap: int = DEFAULT_MAX_TOKENS_CAP,
 ) -> Job:
-    """Validate a request against the model; every problem here is a 4xx, never a 500."""
+    """Validate a request against the model; every problem here is a 4xx, never a 500.
+    `cap` (--max-tokens-cap): the most output tokens a request asks for, or gets unasked."""
     model = _find_model(served, body.model)
+    if max_tokens is not None and max_tokens > cap:
+        raise invalid_request(
+            f"max_tokens is {max_tokens}, over this instance's cap of {cap} output tokens "
+            "(--max-tokens-cap).",
+            param="max_tokens",
+            code="max_tokens_too_large",
+        )
     if body.n != 1:
         raise invalid_request("Only n=1 is supported.", param="n")
     try:
@@ -166,7 +179,7 @@ def _admit(
         ) from None
     try:
         params = SamplingParams(
-            max_tokens=max_tokens or model.context_length - len(prompt),
+            max_tokens=max_tokens or min(cap, model.context_length - len(prompt)),
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
@@ -249,6 +262,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         body.max_completion_tokens or body.max_tokens,
         "chatcmpl",
         body.logprobs_wanted,
+        request.app.state.max_tokens_cap,
     )
     if body.stream:
         return EventStream(_chat_events(job, body, tool_use))
@@ -343,6 +357,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS,
         "cmpl",
         body.logprobs,
+        request.app.state.max_tokens_cap,
     )
     if body.stream:
         return EventStream(_completion_events(job, body.include_usage))
@@ -415,10 +430,14 @@ class Readiness:
 
 
 def create_endpoint(
-    served: ServedModel, readiness: Readiness, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    served: ServedModel,
+    readiness: Readiness,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
 ) -> FastAPI:
     app = FastAPI(title="shoal runner", version=__version__, exception_handlers=EXCEPTION_HANDLERS)
     app.state.served = served
+    app.state.max_tokens_cap = max_tokens_cap
     app.add_middleware(CatchUnexpected)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_s=DEFAULT_CLIENT_TIMEOUT_S)
     app.include_router(router)

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from shoal.schema.limits import DEFAULT_MAX_BODY_BYTES
+from shoal.schema.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP
 
 TOKENS_EVERY_S = 2.0  # rank 0 reports its token count this often while generating
 
@@ -67,6 +67,7 @@ class RunnerSpec(BaseModel):
     serve_host: str = "127.0.0.1"  # rank 0: where its OpenAI endpoint listens
     serve_port: int = 0  # 0: any free port, reported in the "ready" line
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # rank 0: a larger request body gets 413
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP  # rank 0: the most output tokens a request gets
     tokenizer_cache: str | None = None
     cache_dir: str | None = None  # derived files: a GGUF converted for the MLX engine
     init_attempts: int = 8  # init_process_group tries, with backoff, over ~init_window_s
