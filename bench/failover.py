@@ -166,6 +166,7 @@ def run(lab: Lab, home: Path, out: dict[str, float]) -> None:
     node_b.kill()
     node_b.wait(timeout=10)
     out["kill_to_gone_s"] = until(lambda: peer_gone(a, "B"), every=0.1)
+    shutil.copy(home / "B.log", home / "B-before-kill.log")  # the restart writes B.log anew
     restarted, restarted_at = time.monotonic(), time.time()
     start(lab, b, "B", home)
     until(lambda: serving_on(a, FAST, generation) and chat(a) == 200)

@@ -117,6 +117,7 @@ def fake_service(reports: list[NodeReport], events: EventLog) -> SimpleNamespace
         leader=lambda own: reports[0].node_id,
         alive_reports=lambda own: reports,
         report_of=lambda n: next((r for r in reports if r.node_id == n), None),
+        suspects=lambda: [],
     )
     return SimpleNamespace(
         identity=SimpleNamespace(node_id=reports[0].node_id), view=view, report=reports[0],

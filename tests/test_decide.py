@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from shoal.placement.decide import (
+    FAILED_SETTLE_S,
     LEADER_GRACE_S,
     LEADER_HEARD_GRACE_S,
     Config,
@@ -236,7 +239,7 @@ def test_a_3x_slower_layout_is_replaced_only_after_the_cooldown() -> None:
 def test_a_failed_runner_is_retried_after_its_backoff_and_not_before() -> None:
     plan = placed(pair(), age=RETRY_AFTER_S / 2)
     instance = only(plan)
-    soon = tick(pair(), plan, failed(instance, 1))
+    soon = tick(pair(), plan, failed(instance, 1), memory=settled(Memory(), failed(instance, 1)))
     assert soon.plan is None or only(soon.plan).generation == 0  # not before the backoff
     plan = aged(plan, RETRY_AFTER_S)
     retry = tick(pair(), plan, failed(instance, 1), memory=soon.memory)
@@ -249,7 +252,7 @@ def test_a_failed_runner_is_retried_after_its_backoff_and_not_before() -> None:
     waiting = tick(pair(), older, runners, memory=retry.memory)
     assert waiting.plan is None or only(waiting.plan).generation == 1
     older = aged(retry.plan, 2 * RETRY_AFTER_S)
-    third = tick(pair(), older, runners, memory=waiting.memory)
+    third = tick(pair(), older, runners, memory=settled(waiting.memory, runners))
     assert only(third.plan).generation == 2
     assert third.memory.failures == {instance.instance_id: 2}
     # once every rank serves, the count starts over
@@ -258,6 +261,29 @@ def test_a_failed_runner_is_retried_after_its_backoff_and_not_before() -> None:
                instance_id=g2.instance_id, status="ready") for r in (0, 1)}  # fmt: skip
     healthy = tick(pair(), third.plan, serving, memory=third.memory)
     assert healthy.memory.failures == {}
+
+
+def settled(memory: Memory, runners: dict[str, RunnerState]) -> Memory:
+    """The memory of a leader that saw these runners fail long enough ago."""
+    return replace(memory, failed_at={**memory.failed_at,
+                                      **dict.fromkeys(runners, NOW - FAILED_SETTLE_S)})  # fmt: skip
+
+
+def test_a_failed_runner_waits_for_a_dead_peer_to_show_and_never_moves_onto_it() -> None:
+    plan = placed(pair(), age=100.0)
+    instance = only(plan)
+    runners = failed(instance, 0)  # b's rank 0 died with b
+    first = tick(pair(), plan, runners)  # a moment after: b still looks alive
+    assert first.plan is None and first.alerts == {}  # not yet: nothing placed on a dead node
+    assert first.memory.failed_at == dict.fromkeys(runners, NOW)
+    later = FAILED_SETTLE_S
+    suspect = Config(node_id="a", leader="a", suspects=frozenset({"b"}))
+    stuck = tick(pair(), plan, runners, NOW + later, suspect, first.memory)
+    assert stuck.plan is None or only(stuck.plan).generation == 0  # b missed polls: not onto b
+    (alert,) = stuck.alerts.values()
+    assert alert.code == "unmovable" and alert.fact("cause").code == "rank_failed"
+    back = tick(pair(), plan, runners, NOW + later + 5, LEADER, stuck.memory)  # b answers again
+    assert only(back.plan).generation == 1  # a fresh layout, both nodes alive
 
 
 def test_a_local_runner_failure_is_noted_once() -> None:

@@ -203,3 +203,26 @@ def test_refusal_is_bounded_and_deduplicated() -> None:
     result = plan(request(min_nodes=2), cluster(mem, []), NOW)
     assert isinstance(result, Refusal)
     assert len(set(result.reasons)) == len(result.reasons)
+
+
+def test_a_cut_cable_is_cut_both_ways_before_the_far_end_says_so() -> None:
+    # a's probes over the cable go unanswered (a cut); b's report, polled a moment before b
+    # noticed, still shows its way back over the cable working, and so does a's record of b's
+    # probes arriving: neither may put b -> a back on the cable
+    cable_a, cable_b, vpn_a, vpn_b = "10.0.0.1", "10.0.0.2", "100.64.0.1", "100.64.0.2"
+    ok = dict(rtt_ms_ewma=40.0, loss=0.0, interface_kind=VPN, last_success=NOW - 0.5,
+              last_attempt=NOW - 0.2)  # fmt: skip
+    a = [PathStats(peer_node_id="b", peer_addr=f"{vpn_b}:52415", **ok),
+         PathStats(peer_node_id="b", peer_addr=f"{cable_b}:52415", local_addr=f"{cable_a}:52415",
+                   rtt_ms_ewma=0.2, interface_kind=ETH, last_success=NOW - 3.0,
+                   last_attempt=NOW - 0.2),
+         PathStats(peer_node_id="b", peer_addr=f"{cable_b}:52415", local_addr=f"{cable_a}:52415",
+                   direction="inbound", interface_kind=ETH, last_success=NOW - 1.5)]  # fmt: skip
+    b = [PathStats(peer_node_id="a", peer_addr=f"{vpn_a}:52415", **ok),
+         PathStats(peer_node_id="a", peer_addr=f"{cable_a}:52415", rtt_ms_ewma=0.2,
+                   interface_kind=ETH, last_success=NOW - 2.5, last_attempt=NOW - 2.5)]  # fmt: skip
+    res = Resources(ram_available=16 * GIB)
+    reports = [NodeReport(node_id="a", links=tuple(a), resources=res),
+               NodeReport(node_id="b", links=tuple(b), resources=res)]  # fmt: skip
+    result = placed(plan(request(min_nodes=2), reports, NOW))
+    assert {result.store_address, *result.rank_addresses} == {vpn_a, vpn_b}, result

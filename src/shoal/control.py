@@ -138,6 +138,7 @@ class Controller:
             started_at=self._started,
             heard_peers=any(r.node_id != self.node_id for r in reports),
             floor=self.floor,
+            suspects=frozenset(self.service.view.suspects()),
             thresholds=self.thresholds,
             context_tokens=self.context_tokens,
             local_runners=frozenset(s.runner_id for s in local),

@@ -23,13 +23,14 @@ from pathlib import Path
 from shoal.models.local import LocalModel
 from shoal.placement.plan import desired_runners
 from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine, runner_env
-from shoal.schema.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP
+from shoal.schema.limits import DEFAULT_MAX_BODY_BYTES
 from shoal.schema.report import ClusterPlan, InstanceSpec, RunnerState
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0  # a runner gets this long to stop cleanly before it is killed
 ENDED = ("failed", "stopped")
+STARTING = ("idle", "loading", "warming")  # busy on the CPU (connecting waits on the network)
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,10 @@ class WorkerSettings:
     tokenizer_cache: Path | None = None
     cache_dir: Path | None = None
     log_dir: Path | None = None  # runner stderr goes here (one file per runner), else inherited
+    # keep one runner process started ahead of need (_spawn) from the start (a node told its
+    # peers), else once the plan puts a rank of a multi-node instance here: those move
+    spare: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # rank 0's endpoint refuses larger (413)
-    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP  # and gives a request at most this many tokens
     secret: bytes | None = field(default=None, repr=False)  # the cluster secret, for rank 0
 
 
@@ -54,11 +57,65 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _spawn(log: Path | None, secret: bytes | None) -> subprocess.Popen[bytes]:
+    """A runner process that imports everything (torch: seconds of a move or a restart), then
+    waits for its spec on stdin: the worker keeps one ready, so a new runner starts at once."""
+    stderr = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        stderr = log.open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shoal.runner", "--spec-stdin"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=runner_env(os.environ, secret),  # the secret in the env: argv is public (ps)
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+    finally:
+        if stderr is not None:
+            stderr.close()  # the child holds its own copy
+
+
+@dataclass
+class _Spare:
+    proc: subprocess.Popen[bytes]
+    log: Path | None
+
+    def take(self, runner_id: str, spec: RunnerSpec) -> subprocess.Popen[bytes] | None:
+        """The process, given its spec (None if it died meanwhile); its log renamed for it."""
+        if self.proc.poll() is not None or self.proc.stdin is None:
+            return None
+        try:
+            self.proc.stdin.write(spec.model_dump_json().encode() + b"\n")
+            self.proc.stdin.close()
+        except OSError:  # it died between the check and the write
+            return None
+        if self.log is not None and not (named := self.log.with_name(f"{runner_id}.log")).exists():
+            self.log.rename(named)  # the child's open file follows the rename
+        return self.proc
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # EOF: it exits once its imports are done
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 class _Runner:
     """One runner subprocess and the newest status it reported."""
 
     def __init__(
-        self, spec: RunnerSpec, runner_id: str, log_dir: Path | None, secret: bytes | None = None
+        self,
+        spec: RunnerSpec,
+        runner_id: str,
+        log_dir: Path | None,
+        secret: bytes | None = None,
+        spare: _Spare | None = None,
     ) -> None:
         self.spec = spec
         self.state = RunnerState(
@@ -71,20 +128,12 @@ class _Runner:
         )
         self._lock = threading.Lock()
         self._last_count = (time.monotonic(), 0)
-        stderr = None
-        if log_dir is not None:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            stderr = (log_dir / f"{runner_id}.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal.runner", "--spec-json", spec.model_dump_json()],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            stdin=subprocess.DEVNULL,
-            env=runner_env(os.environ, secret),  # the secret in the env: argv is public (ps)
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        if stderr is not None:
-            stderr.close()  # the child holds its own copy
+        proc = spare.take(runner_id, spec) if spare is not None else None
+        if proc is None:  # no spare (or it died): a process of its own, given its spec alike
+            proc = _spawn(log_dir / f"{runner_id}.log" if log_dir is not None else None, secret)
+            if _Spare(proc, None).take(runner_id, spec) is None:
+                log.warning("runner %s exited before it got its spec", runner_id)
+        self.proc = proc
         self._update(pid=self.proc.pid)
         threading.Thread(target=self._read, name=f"runner-{runner_id}", daemon=True).start()
 
@@ -161,6 +210,9 @@ class Worker:
         self._runners: dict[str, _Runner] = {}
         self._missing: dict[str, RunnerState] = {}  # runners we cannot start, and why
         self._lock = threading.Lock()
+        self._spare: _Spare | None = None
+        self._spares = 0  # spares started (their log files' numbers)
+        self._clustered = settings.spare  # whether to keep a spare
 
     def states(self) -> tuple[RunnerState, ...]:
         with self._lock:
@@ -177,6 +229,9 @@ class Worker:
             for rid, (instance, rank) in wanted.items():
                 if rid not in self._runners and rid not in self._missing:
                     self._start(rid, instance, rank)
+            if any(len(instance.nodes) > 1 for instance, _ in wanted.values()):
+                self._clustered = True
+            self._keep_spare()
         for runner in gone:
             log.info("stopping runner %s: its instance left the plan", runner.state.runner_id)
             threading.Thread(target=runner.stop, name="runner-stop", daemon=True).start()
@@ -216,13 +271,14 @@ class Worker:
             max_seq_len=s.max_seq_len,
             serve_host=s.serve_host,
             max_body_bytes=s.max_body_bytes,
-            max_tokens_cap=s.max_tokens_cap,
             tokenizer_cache=str(s.tokenizer_cache) if s.tokenizer_cache else None,
             cache_dir=str(s.cache_dir) if s.cache_dir else None,
         )
+        spare, self._spare = self._spare, None
         log.info(
-            "starting runner %s: rank %d/%d of %s, layers %s, store %s:%d via %s",
+            "starting runner %s%s: rank %d/%d of %s, layers %s, store %s:%d via %s",
             rid,
+            " (the spare)" if spare is not None else "",
             rank,
             spec.world_size,
             instance.model_id,
@@ -231,12 +287,30 @@ class Worker:
             spec.store_port,
             spec.ifname or "any interface",
         )
-        self._runners[rid] = _Runner(spec, rid, s.log_dir, s.secret)
+        self._runners[rid] = _Runner(spec, rid, s.log_dir, s.secret, spare)
+
+    def _keep_spare(self) -> None:
+        """Start the next spare once no runner here is starting (its imports would slow their
+        load on a busy host); the one we hold, if it died, is replaced."""
+        if self._spare is not None and self._spare.proc.poll() is not None:
+            self._spare = None
+        if not self._clustered or self._spare is not None:
+            return
+        if any(r.state.status in STARTING for r in self._runners.values()):
+            return
+        self._spares += 1
+        d = self.settings.log_dir
+        log = d / f"spare-{os.getpid()}-{self._spares}.log" if d is not None else None
+        self._spare = _Spare(_spawn(log, self.settings.secret), log)
 
     def stop_all(self) -> None:
         with self._lock:
             runners = list(self._runners.values())
             self._runners.clear()
+            spare, self._spare = self._spare, None
+            self._clustered = False  # and no new one
+        if spare is not None:
+            spare.close()
         threads = [threading.Thread(target=r.stop, daemon=True) for r in runners]
         for t in threads:
             t.start()

@@ -15,6 +15,7 @@ is none (the card's block, who holds the model, the planner's refusal, preflight
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ from shoal.schema.reasons import CandidateReason, Reason, Refusal, reason
 from shoal.schema.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
 from shoal.schema.thresholds import Thresholds
 
+FAILED_SETTLE_S = 1.5  # a failed runner's instance moves this long after the leader saw it
+# fail: when a peer's node died (the usual cause), it is suspect by then (--suspect-after) and
+# the move leaves it out instead of placing the instance on a dead node and again later
 LEADER_GRACE_S = 3.0  # a starting node hears its peers' plans before it may lead...
 LEADER_HEARD_GRACE_S = 1.0  # ...or this long once a peer's report (and plan) reached it: a
 # restarted leader takes its instances back a poll or two after it is up, not 3 s later
@@ -70,6 +74,7 @@ class Config:
     local_runners: frozenset[str] = frozenset()  # runner ids this node runs (their failures
     # are noted in this node's history)
     floor: Floor = field(default_factory=Floor)  # the throughput floor (--min-throughput-ratio)
+    suspects: frozenset[str] = frozenset()  # alive nodes that missed polls: no move onto them
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class Memory:
     failures: Mapping[str, int] = field(default_factory=dict)  # instance -> failures in a row
     alerts: Mapping[str, Reason] = field(default_factory=dict)  # instance -> why it is stuck
     rates: Mapping[str, RateWatch] = field(default_factory=dict)  # instance -> its decode rate
+    failed_at: Mapping[str, float] = field(default_factory=dict)  # runner -> first seen failed
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,8 @@ def decide(
     refused = dict(memory.auto_refused)
     failures = dict(memory.failures)
     rates = dict(memory.rates)
+    failed_at = {rid: memory.failed_at.get(rid, now) for rid, s in runners.items()
+                 if s.status == "failed"}  # fmt: skip
     alerts: dict[str, Reason] = {}
     grace = LEADER_HEARD_GRACE_S if config.heard_peers else LEADER_GRACE_S
     leading = config.leader == config.node_id and now - config.started_at >= grace
@@ -142,7 +150,17 @@ def decide(
                     Note("refused", _auto_refused(want, result), (("model", want.model_id),))
                 )
         adopted = _review_all(
-            adopted, reports, runners, cards, now, config, failures, alerts, notes, rates
+            adopted,
+            reports,
+            runners,
+            cards,
+            now,
+            config,
+            failures,
+            alerts,
+            notes,
+            rates,
+            failed_at,
         )
         for iid, why in alerts.items():
             before = memory.alerts.get(iid)
@@ -165,6 +183,7 @@ def decide(
         failures={iid: n for iid, n in failures.items() if iid in placed},
         alerts=alerts,
         rates={iid: w for iid, w in rates.items() if iid in placed},
+        failed_at=failed_at,
     )
     return Decision(adopted if adopted != current else None, tuple(notes), tuple(logs), kept)
 
@@ -180,6 +199,7 @@ def _review_all(
     alerts: dict[str, Reason],
     notes: list[Note],
     rates: dict[str, RateWatch],
+    failed_at: Mapping[str, float],
 ) -> ClusterPlan:
     """Move instances that cannot serve as placed, whose paths got much slower, or whose
     decode rate stays under its floor; one that should move and has nowhere to go becomes an
@@ -188,6 +208,9 @@ def _review_all(
         iid = instance.instance_id
         head = runners.get(runner_of(instance, 0))
         rates[iid], slow = watch(rates.get(iid), instance, head, now, config.floor)
+        ranks = [runner_of(instance, rank) for rank in range(len(instance.nodes))]
+        if any(now - failed_at.get(rid, -math.inf) < FAILED_SETTLE_S for rid in ranks):
+            continue  # just failed: let a dead peer show as suspect first
         if _serving(instance, runners):
             failures.pop(iid, None)
         ask = PlaceAsk(
@@ -198,6 +221,7 @@ def _review_all(
             min_nodes=len(instance.nodes),
             max_nodes=len(instance.nodes),
             allow_blocked=True,  # placed once already: moving it is not a new decision
+            nodes=frozenset(r.node_id for r in reports) - config.suspects or None,
         )
         result = place(ask, reports, cards, now, config, iid, generation=instance.generation + 1)
         candidate = result if isinstance(result, InstanceSpec) else None

@@ -28,7 +28,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from shoal.placement.addressing import RECENT_S, PathOption, host_of, options_to, rank_key
+from shoal.placement.addressing import (
+    RECENT_S,
+    PathOption,
+    host_of,
+    is_failing,
+    options_to,
+    rank_key,
+)
 from shoal.schema.address import interface_holding
 from shoal.schema.reasons import CandidateReason, PathRef, Reason, Refusal, reason
 from shoal.schema.report import MLX_BACKENDS, HeldModel, InterfaceInfo, NodeReport
@@ -90,12 +97,20 @@ class _Links:
             for peer in {p.peer_node_id for p in r.links}:
                 for o in options_to(peer, r.links):
                     self._add((r.node_id, peer), o)
+            # r's own probes from a local address to a peer that worked and go unanswered now:
+            # a cut cable, both ways. The peer's probes into that address count as failing too
+            # until the peer's report says so itself (a poll later), so a move never puts the
+            # way back over the cut end.
+            cut = {(p.peer_node_id, host_of(p.local_addr)) for p in r.links
+                   if p.local_addr and is_failing(p)}  # fmt: skip
             for p in r.links:
                 if p.direction == "inbound":  # the peer's probes reached r at local_addr
                     key, host = (p.peer_node_id, r.node_id), host_of(p.local_addr or "")
                     if host:
+                        failing = (p.peer_node_id, host) in cut
                         self._add(key, PathOption(host, p.interface_kind, p.local_interface,
-                                                  p.rtt_ms_ewma, p.last_success))  # fmt: skip
+                                                  p.rtt_ms_ewma, p.last_success,
+                                                  failing=failing))  # fmt: skip
                 else:
                     key, host = (r.node_id, p.peer_node_id), host_of(p.peer_addr)
                 if host:

@@ -152,7 +152,7 @@ class Runner:
         served = ServedModel(spec.model_id, tokenizer, generator)
         readiness = Readiness(reason=f"warming up {spec.model_id}")
         # with the cluster secret, only signed calls (the nodes' relays): every path
-        app = create_endpoint(served, readiness, spec.max_body_bytes, spec.max_tokens_cap)
+        app = create_endpoint(served, readiness, spec.max_body_bytes)
         endpoint = SignedPeers(app, runner_secret(os.environ),
                                f"{spec.instance_id}/rank0", peer_only=None)  # fmt: skip
         server = uvicorn.Server(
@@ -277,8 +277,20 @@ def main(argv: list[str] | None = None) -> None:
     status = StatusWriter(os.fdopen(os.dup(1), "w", buffering=1))
     os.dup2(2, 1)
     parser = argparse.ArgumentParser(prog="python -m shoal.runner")
-    parser.add_argument("--spec-json", required=True, help="a RunnerSpec as JSON")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--spec-json", help="a RunnerSpec as JSON")
+    given.add_argument(
+        "--spec-stdin",
+        action="store_true",
+        help="read the RunnerSpec as one JSON line from stdin: a spare runner, its imports done "
+        "before the worker needs it",
+    )
     args = parser.parse_args(argv)
+    if args.spec_stdin:
+        args.spec_json = sys.stdin.readline()
+        if not args.spec_json:  # the worker closed it: not needed after all
+            _exit(0)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     logging.basicConfig(
         level=os.environ.get("SHOAL_LOG_LEVEL", "INFO"),
         format="%(asctime)s runner %(levelname)s %(name)s: %(message)s",
