@@ -266,3 +266,26 @@ def test_the_runner_gets_the_secret_in_its_environment_only():
     assert env == {"PATH": "/bin", SECRET_ENV: b"abc".hex()}
     assert runner_secret(env) == b"abc"
     assert runner_secret(runner_env({"PATH": "/bin"}, None)) is None
+
+
+# ---- the distributed store: bound to the chosen address only --------------------------------
+
+
+def test_rank_zeros_store_listens_on_the_store_address_only():
+    import psutil
+    from runner_procs import free_port
+
+    from shoal.engine.distributed import Rendezvous, _open_store
+
+    port = free_port()
+    store = _open_store(Rendezvous(0, 2, "127.0.0.9", port), 5.0)
+    try:
+        store.set("k", "v")
+        listening = {
+            c.laddr.ip
+            for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }
+        assert listening == {"127.0.0.9"}
+    finally:
+        del store

@@ -5,13 +5,20 @@ growing waits so that ranks whose machines boot out of order still meet; its fin
 the store address and the interface it used. The ranks then step on a group of their own whose
 timeout is the step timeout, so a peer that vanishes fails a step instead of hanging it (gloo
 closes the connection after a timeout: the group is unusable from then on).
+
+Rank 0's store listens only on the store address placement chose (a socket bound there and
+handed to the TCPStore), not on every interface; it is unauthenticated, so the cluster's
+network is what keeps strangers off it (README, Security). Collectives move tensors only:
+nothing here or in the lockstep protocol pickles.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,14 +150,41 @@ def _join(rv: Rendezvous) -> Peers:
 
 
 def _open_store(rv: Rendezvous, wait_s: float) -> dist.TCPStore:
-    return dist.TCPStore(
-        rv.store_host,
-        rv.store_port,
-        rv.world_size,
-        is_master=rv.rank == 0,
-        timeout=timedelta(seconds=wait_s),
-        wait_for_workers=False,
-    )
+    listen_fd = _listen(rv.store_host, rv.store_port) if rv.rank == 0 else None
+    try:
+        return dist.TCPStore(
+            rv.store_host,
+            rv.store_port,
+            rv.world_size,
+            is_master=rv.rank == 0,
+            timeout=timedelta(seconds=wait_s),
+            wait_for_workers=False,
+            master_listen_fd=listen_fd,
+        )
+    except Exception:
+        if listen_fd is not None:  # the store owns the socket once made; not if it failed
+            with contextlib.suppress(OSError):
+                os.close(listen_fd)
+        raise
+
+
+def _listen(host: str, port: int) -> int | None:
+    """A socket listening on the store address only (TCPStore alone listens on every
+    interface), as a file descriptor the store takes over; None where the address is not this
+    machine's (behind NAT): then the store listens everywhere, as torch does by default."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRNOTAVAIL:
+            raise  # e.g. the port in use: this try fails, the next may not
+        log.warning("store address %s is not on this machine: its store listens on all", host)
+        return None
+    return sock.detach()
 
 
 def _short(exc: BaseException) -> str:
