@@ -289,3 +289,19 @@ def test_rank_zeros_store_listens_on_the_store_address_only():
         assert listening == {"127.0.0.9"}
     finally:
         del store
+
+
+@pytest.mark.parametrize(
+    ("serve_host", "solo", "expected"),
+    [
+        ("0.0.0.0", True, "127.0.0.1"),  # only this node relays to its solo model
+        ("::", True, "::1"),
+        ("10.0.0.5", True, "10.0.0.5"),  # the API's own address: the router dials it
+        ("0.0.0.0", False, "0.0.0.0"),  # a placed instance: any node, any of our addresses
+        ("10.0.0.5", False, "10.0.0.5"),
+    ],
+)
+def test_rank_zeros_endpoint_listens_where_its_callers_dial(serve_host, solo, expected):
+    from shoal.worker import endpoint_host
+
+    assert endpoint_host(serve_host, solo) == expected

@@ -57,6 +57,15 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def endpoint_host(serve_host: str, solo: bool) -> str:
+    """Where a rank 0's endpoint listens: on the API's --host, since any node may relay to a
+    placed instance at any address it has of this one; a model this node serves alone only
+    this node relays to (api.router dials loopback), so there it listens on loopback only."""
+    if solo and serve_host in ("0.0.0.0", "", "::"):
+        return "::1" if serve_host == "::" else "127.0.0.1"
+    return serve_host
+
+
 def _spawn(log: Path | None, secret: bytes | None) -> subprocess.Popen[bytes]:
     """A runner process that imports everything (torch: seconds of a move or a restart), then
     waits for its spec on stdin: the worker keeps one ready, so a new runner starts at once."""
@@ -269,7 +278,7 @@ class Worker:
             quantize=s.quantize,  # type: ignore[arg-type]
             max_batch=s.max_batch,
             max_seq_len=s.max_seq_len,
-            serve_host=s.serve_host,
+            serve_host=endpoint_host(s.serve_host, any(i == instance for i in self.solo)),
             max_body_bytes=s.max_body_bytes,
             tokenizer_cache=str(s.tokenizer_cache) if s.tokenizer_cache else None,
             cache_dir=str(s.cache_dir) if s.cache_dir else None,
