@@ -16,9 +16,9 @@ import tokenizers
 import torch
 
 from shoal.engine.generator import SamplerBank
-from shoal.engine.lockstep import pack_logprobs, unpack_logprobs
 from shoal.engine.sampling import SamplingParams, TokenLogprob, logprobs_of
 from shoal.engine.tokenizer import Tokenizer
+from shoal.engine.wire import pack_logprobs, unpack_logprobs
 from shoal.models.bundled import BUNDLED_MODEL_ID as MODEL
 
 from conftest import LiveServer

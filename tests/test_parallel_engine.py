@@ -23,11 +23,12 @@ from runner_procs import RunnerProcess, free_port
 
 from shoal.engine.distributed import PeerLostError, join
 from shoal.engine.generator import Generator, LocalExecutor
-from shoal.engine.lockstep import HeaderCodec, Op, PipelineExecutor, StepHeader, TensorExecutor
+from shoal.engine.lockstep import PipelineExecutor, TensorExecutor
 from shoal.engine.sampling import SamplingParams, TokenLogprob
 from shoal.engine.sharding import ShardingError, even_layer_ranges, tensor_parallel_config
 from shoal.engine.tokenizer import Tokenizer
 from shoal.engine.weights import load_model, open_source
+from shoal.engine.wire import HeaderCodec, Op, StepHeader
 from shoal.runner.build import build_executor, load_rank_model, rendezvous_of
 from shoal.runner.spec import RunnerSpec
 

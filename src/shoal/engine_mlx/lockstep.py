@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 import torch
 
 from shoal.engine.distributed import PeerLostError, Peers
-from shoal.engine.lockstep import HeaderCodec, Leading, Op, StepHeader
+from shoal.engine.lockstep import Leading
 from shoal.engine.sampling import SamplingParams, TokenLogprob
+from shoal.engine.wire import HeaderCodec, Op, StepHeader
 from shoal.engine_mlx.executor import MlxExecutor
 
 T = TypeVar("T")
