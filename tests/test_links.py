@@ -82,6 +82,24 @@ def test_loss_counts_probes_only_once_they_time_out() -> None:
     assert path.loss == pytest.approx(2 / 4)
 
 
+def test_an_outage_leaves_the_loss_window_once_the_path_answers_again() -> None:
+    path = LinkStats("B", "10.0.0.2:7000", reply_timeout=1.0)
+    path.record_sent("a", 0.0)
+    path.record_reply("a", 0.001)
+    for i in range(20):  # the peer is gone for 10 s: every probe lost
+        path.record_sent(f"lost{i}", 0.5 + i / 2)
+    path.expire(11.0)
+    assert path.loss > 0.9  # the preflight refuses a path this lossy
+    path.record_sent("late", 10.6)  # sent in the outage, its answer never comes
+    path.record_sent("back", 11.0)
+    path.record_reply("back", 11.001)  # it is back
+    path.expire(20.0)
+    assert (path.loss, path.received) == (0.0, 2)  # the path as it is since: no loss
+    path.record_sent("x", 20.0)
+    path.expire(22.0)  # a loss after it is back counts
+    assert path.loss == pytest.approx(1 / 2)
+
+
 def test_windows_and_outstanding_probes_are_bounded() -> None:
     path = LinkStats("B", "10.0.0.2:7000", window=5)
     for i in range(20):  # rtt i ms: only the last five (15..19 ms) stay in the window

@@ -33,6 +33,7 @@ EWMA_ALPHA = 0.3
 WINDOW = 120  # samples kept per path for percentiles and loss: a minute at the default interval
 REPLY_TIMEOUT_S = 2.0  # far above any sane LAN/VPN RTT; a later reply counts as lost
 MAX_OUTSTANDING = 64  # probes awaiting a reply per path; beyond that the oldest is lost
+OUTAGE_S = 5.0  # a reply after this long without one ends an outage: loss counts from there
 INBOUND_TTL_S = 300.0  # forget an inbound path nobody has probed for this long
 MAX_INBOUND_PATHS = 256  # inbound records come from the network: cap them
 ROUTE_REFRESH_S = 30.0  # re-resolve local address/interface per path (cables come and go)
@@ -101,6 +102,12 @@ class LinkStats:
         sent_at = self._outstanding.pop(nonce, None)
         if sent_at is None:
             return None
+        if self.last_success is None or t - self.last_success > OUTAGE_S:
+            # the first reply after an outage (a peer restarting, a cable plugged back): the
+            # probes nobody was there to answer say nothing about the path, so they leave the
+            # loss window (preflight would refuse the path for a minute otherwise)
+            self._outcomes.clear()
+            self._outstanding = {n: s for n, s in self._outstanding.items() if s > sent_at}
         rtt = max(0.0, t - sent_at)
         old = self.rtt_ewma
         self.rtt_ewma = rtt if old is None else self.alpha * rtt + (1 - self.alpha) * old
