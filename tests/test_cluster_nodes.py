@@ -237,6 +237,13 @@ def test_nodes_with_the_secret_meet_and_refuse_the_others(cluster: Cluster, tmp_
     unsigned = httpx.get(url, timeout=2)
     assert unsigned.status_code == 401 and unsigned.json()["error"]["code"] == "peer_unsigned"
 
+    # a plan change at the follower is forwarded, signed, and the leader's signed answer passes
+    doc = cluster.nodes(a)
+    follower = next(n["name"] for n in doc["nodes"] if n["node_id"] != doc["leader"])
+    forwarded = httpx.delete(f"http://{follower}:{PORT}/instance/no-such", timeout=10)
+    assert forwarded.status_code == 404, forwarded.text
+    assert forwarded.json()["error"]["code"] == "instance_not_found"
+
     # C again without any secret: its unsigned report never merges, and says why
     cluster.procs[c].terminate()
     cluster.procs[c].wait(timeout=15)

@@ -44,6 +44,7 @@ from shoal.schema.exo import (
 )
 from shoal.schema.report import InstanceSpec, RunnerState
 from shoal.web.errors import ApiError, invalid_request
+from shoal.web.signing import SignatureError
 from shoal.web.sse import EventStream
 
 router = APIRouter()
@@ -359,6 +360,14 @@ async def _forward(controller: Controller, method: str, path: str, body: Any = N
             "it).",
             code="leader_unreachable",
             type="service_unavailable",
+        ) from None
+    try:  # with a cluster secret, the leader's answer is signed: check it before passing it on
+        controller.service.peers.verify(answer)
+    except SignatureError as exc:
+        raise ApiError(
+            502,
+            f"The leader's answer to the plan change was refused: {exc}.",
+            code="leader_unsigned",
         ) from None
     return Response(
         answer.content,
