@@ -244,6 +244,13 @@ def test_nodes_with_the_secret_meet_and_refuse_the_others(cluster: Cluster, tmp_
     assert forwarded.status_code == 404, forwarded.text
     assert forwarded.json()["error"]["code"] == "instance_not_found"
 
+    # fan-out answers are signed and checked: B's history and manifest arrive
+    history = httpx.get(f"http://{a}:{PORT}/cluster/history", timeout=10).json()
+    assert history["unreachable"] == [], history
+    model = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the bundled model: every node holds it
+    manifests = httpx.get(f"http://{a}:{PORT}/cluster/manifests/{model}", timeout=30).json()
+    assert {e["name"] for e in manifests["nodes"] if e.get("manifest")} == {a, b}, manifests
+
     # C again without any secret: its unsigned report never merges, and says why
     cluster.procs[c].terminate()
     cluster.procs[c].wait(timeout=15)

@@ -198,6 +198,7 @@ async def history(request: Request, limit: int = Query(200, ge=1, le=1000)) -> d
                     body += chunk
                     if len(body) > MAX_HISTORY_BYTES:
                         raise ValueError(f"answer over {MAX_HISTORY_BYTES} bytes")
+                cluster.peers.verify(r, body)  # with a cluster secret: signed with it
             by_node[node_id] = json.loads(body).get("events", [])
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             log.info("no history from %s: %r", cluster.name_of(node_id), exc)

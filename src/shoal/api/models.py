@@ -24,6 +24,7 @@ from shoal.schema.address import base_url, host_of, join_host_port
 from shoal.schema.exo import model_card
 from shoal.schema.report import HeldModel
 from shoal.web.errors import ApiError, invalid_request
+from shoal.web.signing import SignatureError
 
 router = APIRouter()
 
@@ -210,6 +211,10 @@ async def _gather_manifests(
             response = await cluster.peers.http.get(url, params=params, timeout=timeout)
         except httpx.HTTPError as exc:
             return {**entry, "error": f"unreachable at {join_host_port(*where)}: {exc!r}"}
+        try:  # with a cluster secret, the answer must be signed with it
+            cluster.peers.verify(response)
+        except SignatureError as exc:
+            return {**entry, "error": f"answer refused: {exc}"}
         if response.status_code == 200:
             return {**entry, "manifest": response.json()}
         if response.status_code == 404:

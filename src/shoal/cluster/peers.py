@@ -96,13 +96,14 @@ class SignedAuth(httpx.Auth):
         request.headers.update(signed)
         yield request
 
-    def verify(self, response: httpx.Response) -> str:
-        """The node id that signed this (read) answer to one of our signed requests;
-        SignatureError if it is not signed with our secret."""
+    def verify(self, response: httpx.Response, body: bytes | None = None) -> str:
+        """The node id that signed this answer to one of our signed requests (its body: read,
+        or given when streamed in); SignatureError if it is not signed with our secret."""
         nonce = response.request.headers.get(HEADER_NONCE, "")
         if not nonce:
             raise SignatureError("unsigned", "the request was not signed")
-        return verify_response(self._secret, nonce, response.status_code, response.content,
+        content = response.content if body is None else body
+        return verify_response(self._secret, nonce, response.status_code, content,
                                response.headers, self._clock())  # fmt: skip
 
 
@@ -173,10 +174,13 @@ class PeerClient:
     def signed(self) -> bool:
         return isinstance(self.auth, SignedAuth)
 
-    def verify(self, response: httpx.Response) -> str | None:
-        """Who signed a (read) answer: None when this node has no secret (nothing to check);
-        SignatureError when it has one and the answer is not signed with it."""
-        return self.auth.verify(response) if isinstance(self.auth, SignedAuth) else None
+    def verify(self, response: httpx.Response, body: bytes | None = None) -> str | None:
+        """Who signed an answer (read, or its streamed `body`): None when this node has no
+        secret (nothing to check); SignatureError when it has one and the answer is not
+        signed with it."""
+        if not isinstance(self.auth, SignedAuth):
+            return None
+        return self.auth.verify(response, body)
 
     async def aclose(self) -> None:
         await self.http.aclose()
