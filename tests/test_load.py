@@ -17,7 +17,7 @@ import pytest
 from test_instances import MODEL, Pair
 from waiting import wait_for
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(540)  # start (<= 180 s) + the load deadline + settle
 
 PORT = 52785  # test_instances uses 52715-52716, test_api_key 52745-52746
 REQUESTS = 500
