@@ -32,13 +32,16 @@ def test_a_spare_runner_takes_the_next_spec_and_is_replaced(tmp_path: Path, monk
     monkeypatch.setenv("SHOAL_TORCH_THREADS", "1")
     model = describe("smollm2", bundled_gguf())
     instance = solo_instance("n", model.held)
-    settings = WorkerSettings(max_seq_len=256, max_batch=1, log_dir=tmp_path, spare=True)
+    cache = tmp_path / "tokenizers"
+    settings = WorkerSettings(max_seq_len=256, max_batch=1, log_dir=tmp_path, spare=True,
+                              tokenizer_cache=cache)  # fmt: skip
     worker = Worker("n", {"smollm2": model}, settings)
     try:
         worker.reconcile(ClusterPlan())  # nothing to run: a spare all the same
         spare = worker._spare
         assert spare is not None and spare.proc.poll() is None
-        time.sleep(0.5)  # it may still be importing: the spec waits in its stdin
+        # while it waits it builds the GGUF's tokenizer cache, which a rank 0 needs first
+        wait("the tokenizer cache built", lambda: any(cache.glob("*/shoal_tokenizer.json")), 150)
         worker.reconcile(ClusterPlan(instances=(instance,)))  # the plan wants a rank here
         (state,) = worker.states()
         assert state.pid == spare.proc.pid and worker._spare is None  # the spare took it

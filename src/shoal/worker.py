@@ -66,16 +66,22 @@ def endpoint_host(serve_host: str, solo: bool) -> str:
     return serve_host
 
 
-def _spawn(log: Path | None, secret: bytes | None) -> subprocess.Popen[bytes]:
+def _spawn(
+    log: Path | None, secret: bytes | None, warm: tuple[str, ...] = (), cache: Path | None = None
+) -> subprocess.Popen[bytes]:
     """A runner process that imports everything (torch: seconds of a move or a restart), then
-    waits for its spec on stdin: the worker keeps one ready, so a new runner starts at once."""
+    waits for its spec on stdin: the worker keeps one ready, so a new runner starts at once.
+    While it waits it builds the tokenizer caches of `warm` (GGUF files) in `cache`: a node
+    that becomes rank 0 for the first time after a move would spend 10-20 s on that."""
+    args = [f"--warm-tokenizer={path}" for path in warm]
+    args += [f"--tokenizer-cache={cache}"] if cache is not None and warm else []
     stderr = None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         stderr = log.open("ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "shoal.runner", "--spec-stdin"],
+            [sys.executable, "-m", "shoal.runner", "--spec-stdin", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -310,7 +316,9 @@ class Worker:
         self._spares += 1
         d = self.settings.log_dir
         log = d / f"spare-{os.getpid()}-{self._spares}.log" if d is not None else None
-        self._spare = _Spare(_spawn(log, self.settings.secret), log)
+        ggufs = tuple(str(m.path) for m in self.models.values() if m.path.suffix == ".gguf")
+        cache = self.settings.tokenizer_cache
+        self._spare = _Spare(_spawn(log, self.settings.secret, ggufs, cache), log)
 
     def stop_all(self) -> None:
         with self._lock:

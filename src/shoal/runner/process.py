@@ -272,6 +272,14 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+def _warm_tokenizers(paths: list[str], cache_dir: str | None) -> None:
+    for path in paths:  # the cache is written by rename: a rank 0 loading it meanwhile is safe
+        try:
+            Tokenizer.load(path, cache_dir)
+        except Exception as exc:  # the runner that needs it says why, if it does
+            log.warning("could not build the tokenizer cache of %s: %s", path, exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     # Status lines own the real stdout; anything else printing to stdout lands on stderr.
     status = StatusWriter(os.fdopen(os.dup(1), "w", buffering=1))
@@ -285,8 +293,24 @@ def main(argv: list[str] | None = None) -> None:
         help="read the RunnerSpec as one JSON line from stdin: a spare runner, its imports done "
         "before the worker needs it",
     )
+    parser.add_argument(
+        "--warm-tokenizer",
+        action="append",
+        default=[],
+        metavar="GGUF",
+        help="a spare builds this GGUF's tokenizer cache while it waits (seconds a first rank 0 "
+        "on this node would spend after a move)",
+    )
+    parser.add_argument("--tokenizer-cache", help="where the tokenizer caches are")
     args = parser.parse_args(argv)
     if args.spec_stdin:
+        if args.warm_tokenizer:
+            threading.Thread(
+                target=_warm_tokenizers,
+                args=(args.warm_tokenizer, args.tokenizer_cache),
+                name="shoal-warm-tokenizers",
+                daemon=True,
+            ).start()
         args.spec_json = sys.stdin.readline()
         if not args.spec_json:  # the worker closed it: not needed after all
             _exit(0)
