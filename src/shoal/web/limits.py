@@ -95,7 +95,7 @@ class BodyLimit:
             return
         except _Gone:  # the client went away before its body was whole: nobody to answer
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay(body, receive), send)
 
     async def _read(self, receive: Receive) -> bytes:
         parts: list[bytes] = []
@@ -121,7 +121,7 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
     """The whole body as one message, then the client's own messages (its disconnect)."""
     sent = False
 

@@ -21,6 +21,7 @@ from typing import Final
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.web.errors import ApiError
+from shoal.web.limits import replay
 from shoal.web.signing import (
     HEADER_NODE,
     HEADER_NONCE,
@@ -88,7 +89,7 @@ class SignedPeers:
             return
         state = scope.setdefault("state", {})
         state["peer_signed"], state["peer_node"] = True, node
-        await self.app(scope, _replay(body, receive), self._signing(send, headers[HEADER_NONCE]))
+        await self.app(scope, replay(body, receive), self._signing(send, headers[HEADER_NONCE]))
 
     def _signing(self, send: Send, nonce: str) -> Send:
         """Sign the answer: its headers wait for the first body message, which holds the whole
@@ -156,17 +157,3 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that hands the app the body already read, then waits as the server would."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
