@@ -14,14 +14,19 @@ import sys
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
 from shoal.models.manifest import Manifest
-from shoal.models.parity import Check, ManifestsDocument, audit, ready
-from shoal.ops.chat import DEFAULT_API, START_HINT, api_base, error_message
-from shoal.ops.client import add_api_key_flag, auth_headers
+from shoal.models.parity import Check, audit, ready
+from shoal.ops.client import (
+    DEFAULT_API,
+    ApiClient,
+    ApiError,
+    ApiUnreachable,
+    add_api_key_flag,
+    cannot_reach,
+)
 
 READY = "RING_INPUT_READY"
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 3
@@ -46,35 +51,20 @@ def render(model_id: str, manifests: Mapping[str, Manifest | str], checks: list[
 # -- collection through the cluster API ------------------------------------------------------
 
 
-class AuditUnreachable(Exception):
-    pass
-
-
 def collect(
-    client: httpx.Client, base: str, model_id: str, nodes: list[str] | None, hash: bool
+    api: ApiClient, model_id: str, nodes: list[str] | None, hash: bool, timeout: float
 ) -> tuple[dict[str, Manifest | str], dict[str, Any]]:
-    """Ask the node at `base` for every node's manifest; returns them by node name, plus the
-    card that node holds for the model."""
-    params: dict[str, str] = {"hash": "true" if hash else "false"}
-    if nodes:
-        params["nodes"] = ",".join(nodes)
-    try:
-        response = client.get(f"{base}/cluster/manifests/{quote(model_id)}", params=params)
-    except httpx.ConnectError as exc:
-        raise AuditUnreachable(f"cannot reach {base}: {exc}. {START_HINT}") from None
-    if response.status_code != 200:
-        raise AuditUnreachable(error_message(response.status_code, response.content))
-    body = ManifestsDocument.model_validate(response.json())
+    """Ask the node at `api` for every node's manifest; returns them by node name, plus the
+    card that node holds for the model (ApiUnreachable, ApiError: why not)."""
+    body = api.manifests(model_id, nodes, hash, timeout=httpx.Timeout(timeout, connect=5.0))
     return body.by_name(), body.card
 
 
 def run_audit(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
-    """The audit as data (for `shoal bootstrap`) and its exit code."""
-    base = api_base(args.api)
+    """The audit as data and its exit code."""
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()] if args.nodes else None
-    timeout = httpx.Timeout(600.0 if args.hash else 30.0, connect=5.0)
-    with httpx.Client(timeout=timeout, headers=auth_headers(args.api_key)) as client:
-        manifests, card = collect(client, base, args.model, nodes, args.hash)
+    with ApiClient(args.api, api_key=args.api_key) as api:
+        manifests, card = collect(api, args.model, nodes, args.hash, 600.0 if args.hash else 30.0)
     expect = args.expect_shards if args.expect_shards is not None else card.get("expected_shards")
     checks = audit(manifests, expect_shards=expect, hash=args.hash)
     result = {
@@ -90,8 +80,9 @@ def run_audit(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     try:
         code, result = run_audit(args)
-    except AuditUnreachable as exc:
-        print(f"shoal audit: {exc}", file=sys.stderr)
+    except (ApiUnreachable, ApiError) as exc:
+        why = cannot_reach(exc.base, exc) if isinstance(exc, ApiUnreachable) else str(exc)
+        print(f"shoal audit: {why}", file=sys.stderr)
         return EXIT_UNREACHABLE
     print(json.dumps(result, indent=2) if args.json else result["text"])
     return code

@@ -20,11 +20,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
-
 from shoal.config import Paths
 from shoal.models.store import dir_name
 from shoal.ops.bootstrap_phases import (
+    API_TIMEOUT,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
@@ -33,8 +32,7 @@ from shoal.ops.bootstrap_phases import (
     Context,
     Unreachable,
 )
-from shoal.ops.chat import DEFAULT_API, START_HINT, api_base
-from shoal.ops.client import add_api_key_flag, auth_headers
+from shoal.ops.client import DEFAULT_API, START_HINT, ApiClient, add_api_key_flag, api_base
 from shoal.ops.phase_gates import FAIL, PHASES, Options, PhaseResult, conclude, gate
 from shoal.ops.run_ledger import (
     Ledger,
@@ -67,9 +65,8 @@ def bootstrap(opts: Options, say: Callable[[str], None] = print) -> int:
     for p in kept if opts.resume else ():
         say(f"SKIP {p.name}: passed at {p.finished_at} (ledger); --resume does not repeat it")
     code = EXIT_OK
-    timeout = httpx.Timeout(30.0, connect=5.0)
-    with httpx.Client(timeout=timeout, headers=auth_headers(opts.api_key)) as client:
-        ctx = Context(opts, client, ledger, say, same.model_dirs if same else {})
+    with ApiClient(opts.api, timeout=API_TIMEOUT, api_key=opts.api_key) as api:
+        ctx = Context(opts, api, ledger, say, same.model_dirs if same else {})
         write_ledger(opts.report_dir, ledger, order)
         for number, name in enumerate(to_run, start=1):
             say(f"[{number}/{len(to_run)}] {name}: {TITLES[name]}")

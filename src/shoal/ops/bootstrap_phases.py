@@ -9,7 +9,8 @@ import os
 import shlex
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +18,17 @@ import httpx
 
 from shoal.models.manifest import Manifest
 from shoal.ops import audit
-from shoal.ops.chat import START_HINT, api_base, error_message
-from shoal.ops.client import API_KEY_ENV, auth_headers
+from shoal.ops.client import (
+    API_KEY_ENV,
+    START_HINT,
+    ApiClient,
+    ApiError,
+    ApiUnreachable,
+    api_base,
+    cannot_reach,
+    failure_text,
+    transport_cause,
+)
 from shoal.ops.phase_gates import (
     FAIL,
     SERVING,
@@ -42,8 +52,8 @@ from shoal.ops.phase_gates import (
 from shoal.ops.run_ledger import (
     Ledger,
 )
-from shoal.schema.documents import ChatReply, CreatedInstance, ModelList, Reach, StateDocument
-from shoal.schema.exo import InstanceBody, instance_body
+from shoal.schema.documents import StateDocument
+from shoal.schema.exo import InstanceBody
 
 TITLES = {
     "preflight": "nodes alive and answering, drift, disk, model card, model dir per node",
@@ -58,8 +68,8 @@ TITLES = {
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 3
 POLL_S = 1.0
 PLACE_RETRY_S = 15.0  # right after a join the paths may not be measured yet
+API_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 CHAT_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
-PROBE_TIMEOUT = httpx.Timeout(3.0)
 
 
 # -- the phases over HTTP ----------------------------------------------------------------------
@@ -69,31 +79,35 @@ class Unreachable(Exception):
     """The --api node does not answer: nothing else can be checked."""
 
 
+@contextmanager
+def reaching(api: str) -> Iterator[None]:
+    """A call to the --api node that cannot connect is Unreachable: nothing else can run."""
+    try:
+        yield
+    except ApiUnreachable as exc:
+        raise Unreachable(f"cannot reach {api} ({exc.cause}): {START_HINT}") from None
+
+
 @dataclass
 class Context:
     opts: Options
-    client: httpx.Client
+    api: ApiClient  # the --api node; api.at(url) reaches another node over the same pool
     ledger: Ledger
     say: Callable[[str], None]
     previous_dirs: dict[str, str] = field(default_factory=dict)
 
-    def get(self, path: str, **params: Any) -> httpx.Response:
-        try:
-            return self.client.get(self.opts.api + path, params=params or None)
-        except httpx.ConnectError as exc:
-            raise Unreachable(f"cannot reach {self.opts.api} ({exc}): {START_HINT}") from None
-
     def state(self) -> StateDocument:
-        response = self.get("/state")
-        if response.status_code != 200:
-            raise Unreachable(error_message(response.status_code, response.content))
-        return StateDocument.model_validate(response.json())
+        with reaching(self.opts.api):
+            try:
+                return self.api.state()
+            except ApiError as exc:
+                raise Unreachable(str(exc)) from None
 
     def nodes(self, refresh: bool = False) -> list[NodeApi]:
         """Every alive node and the API address that answered from here (kept in the ledger,
         so a resumed run does not probe again)."""
         if refresh or not self.ledger.nodes:
-            found = find_apis(self.client, self.state())
+            found = find_apis(self.api, self.state())
             self.ledger.nodes = [
                 {"name": n.name, "node_id": n.node_id, "api": n.api or ""} for n in found
             ]
@@ -102,20 +116,18 @@ class Context:
 
     def manifests(self, hash: bool) -> tuple[dict[str, Manifest | str], dict[str, Any]] | str:
         """Every node's manifest and the card, through the --api node; or why not."""
-        timeout = httpx.Timeout(900.0 if hash else 30.0, connect=5.0)
-        with httpx.Client(timeout=timeout, headers=auth_headers(self.opts.api_key)) as client:
-            try:
-                found = audit.collect(client, self.opts.api, self.opts.model, None, hash)
-            except audit.AuditUnreachable as exc:
-                if isinstance(exc.__context__, httpx.ConnectError):
-                    raise Unreachable(str(exc)) from None
-                return str(exc)
+        try:
+            found = audit.collect(self.api, self.opts.model, None, hash, 900.0 if hash else 30.0)
+        except ApiUnreachable as exc:
+            raise Unreachable(cannot_reach(exc.base, exc)) from None
+        except ApiError as exc:
+            return str(exc)
         dirs = {n: m.dir for n, m in found[0].items() if isinstance(m, Manifest)}
         self.ledger.model_dirs = dict(sorted(dirs.items()))
         return found
 
 
-def find_apis(client: httpx.Client, state: StateDocument) -> list[NodeApi]:
+def find_apis(api: ApiClient, state: StateDocument) -> list[NodeApi]:
     """Each alive node's first advertised address whose /node_id names that node."""
     found = []
     for node in (n for n in state.nodes if n.status == "alive"):
@@ -123,14 +135,16 @@ def find_apis(client: httpx.Client, state: StateDocument) -> list[NodeApi]:
         for address in node.addresses:
             url = api_base(address)
             try:
-                answer = client.get(f"{url}/node_id", timeout=PROBE_TIMEOUT)
-            except httpx.HTTPError as exc:
-                errors.append(f"{address}: {type(exc).__name__}")
+                answer, status = api.at(url).node_id(), 200
+            except ApiError as exc:
+                answer, status = None, exc.status
+            except (ApiUnreachable, httpx.HTTPError) as exc:
+                errors.append(f"{address}: {type(transport_cause(exc)).__name__}")
                 continue
-            if answer.status_code == 200 and answer.text.strip('"') == node.node_id:
+            if answer == node.node_id:
                 found.append(NodeApi(node.node_id, node.name, url))
                 break
-            errors.append(f"{address}: HTTP {answer.status_code}, not {node.name}'s API")
+            errors.append(f"{address}: HTTP {status}, not {node.name}'s API")
         else:
             error = "; ".join(errors) or "no advertised address"
             found.append(NodeApi(node.node_id, node.name, None, error))
@@ -164,15 +178,15 @@ def canary(ctx: Context) -> PhaseResult:
 def _canary_problem(ctx: Context, node: NodeApi) -> str | None:
     if node.api is None:
         return f"no API address answers: {node.error}"
+    api, path = ctx.api.at(node.api), "/state"
     try:
-        state = ctx.client.get(f"{node.api}/state")
-        models = ctx.client.get(f"{node.api}/v1/models", params={"status": "downloaded"})
-    except httpx.HTTPError as exc:
-        return f"{node.api}: {type(exc).__name__}: {exc}"
-    for path, response in (("/state", state), ("/v1/models", models)):
-        if response.status_code != 200:
-            return f"{path}: {error_message(response.status_code, response.content)}"
-    ids = [m.id for m in ModelList.model_validate(models.json()).data]
+        api.state()
+        path = "/v1/models"
+        ids = api.models(status="downloaded")
+    except ApiError as exc:
+        return f"{path}: {exc}"
+    except (ApiUnreachable, httpx.HTTPError, ValueError) as exc:
+        return f"{node.api}: {failure_text(exc)}"
     if ctx.opts.model not in ids:
         return f"not in /v1/models?status=downloaded (it lists: {', '.join(ids) or 'nothing'})"
     return None
@@ -210,9 +224,11 @@ def placement(ctx: Context) -> PhaseResult:
     ctx.ledger.instance_id = iid
     body, started = ours.get(iid, InstanceBody()), time.monotonic()
     while True:
-        response = ctx.get(f"/instance/{iid}")
-        if response.status_code == 200:  # a follower may not have adopted the plan yet
-            body = instance_body(response.json())
+        try:
+            with reaching(opts.api):
+                body = ctx.api.instance(iid)
+        except ApiError:  # a follower may not have adopted the plan yet
+            pass
         waited = time.monotonic() - started
         statuses = [s.status for s in body.runner_status.values()]
         serving = bool(statuses) and all(s in SERVING for s in statuses)
@@ -235,15 +251,14 @@ def _create_instance(ctx: Context) -> str | PhaseResult:
     query = {k: v for k, v in query.items() if v is not None}
     deadline = time.monotonic() + PLACE_RETRY_S
     while True:
-        response = ctx.get("/instance/placement", **query)
-        if response.status_code == 200:
-            body = {"instance": response.json(), "allow_blocked": opts.allow_blocked}
-            response = ctx.client.post(f"{opts.api}/instance", json=body)
-            if response.status_code == 200:
-                return CreatedInstance.model_validate(response.json()).instance_id
+        try:
+            with reaching(opts.api):
+                instance = ctx.api.placement(**query)
+                return ctx.api.create_instance(instance, opts.allow_blocked)
+        except ApiError as exc:
+            why, status = str(exc), exc.status
         # 400/409 no_placement: the paths of a node that just joined may not be measured yet
-        if time.monotonic() >= deadline or response.status_code not in (400, 409):
-            why = error_message(response.status_code, response.content)
+        if time.monotonic() >= deadline or status not in (400, 409):
             previews = f"curl '{opts.api}/instance/previews?model_id={opts.model}'"
             return conclude("placement", [gate("placement", False, why)], next_command=previews)
         time.sleep(POLL_S)
@@ -291,12 +306,11 @@ def _reach(ctx: Context, source: NodeApi, target: str, host: str, port: int) -> 
     if source.api is None:
         return probe(False, f"its API does not answer: {source.error}")
     try:
-        answer = ctx.client.get(f"{source.api}/cluster/reach", params={"host": host, "port": port})
-    except httpx.HTTPError as exc:
-        return probe(False, f"its API: {type(exc).__name__}: {exc}")
-    if answer.status_code != 200:
-        return probe(False, error_message(answer.status_code, answer.content))
-    doc = Reach.model_validate(answer.json())
+        doc = ctx.api.at(source.api).reach(host, port)
+    except ApiError as exc:
+        return probe(False, str(exc))
+    except (ApiUnreachable, httpx.HTTPError) as exc:
+        return probe(False, f"its API: {failure_text(exc)}")
     return probe(True, f"{doc.ms:.1f} ms") if doc.ok else probe(False, doc.error)
 
 
@@ -307,18 +321,16 @@ def first_chat(ctx: Context) -> PhaseResult:
 def _chat(ctx: Context, node: NodeApi) -> ChatAnswer:
     if node.api is None:
         return ChatAnswer(node.name, "?", False, 0.0, f"no API answers: {node.error}")
-    url, started = f"{node.api}/v1/chat/completions", time.perf_counter()
+    started = time.perf_counter()
     try:
-        response = ctx.client.post(url, json=chat_body(ctx.opts.model), timeout=CHAT_TIMEOUT)
-        reply = ChatReply.model_validate(response.json()) if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError) as exc:
-        detail = f"{type(exc).__name__}: {exc}"
+        reply = ctx.api.at(node.api).chat(chat_body(ctx.opts.model), timeout=CHAT_TIMEOUT)
+    except ApiError as exc:
+        return ChatAnswer(node.name, node.api, False, time.perf_counter() - started, str(exc))
+    except (ApiUnreachable, httpx.HTTPError, ValueError) as exc:
+        detail = failure_text(exc)
         return ChatAnswer(node.name, node.api, False, time.perf_counter() - started, detail)
     seconds = time.perf_counter() - started
-    if response.status_code != 200:
-        detail = error_message(response.status_code, response.content)
-        return ChatAnswer(node.name, node.api, False, seconds, detail)
-    if reply is None or not reply.choices:
+    if not reply.choices:
         return ChatAnswer(node.name, node.api, False, seconds, "200 without choices")
     return ChatAnswer(node.name, node.api, True, seconds, f"200 {reply.text!r}")
 

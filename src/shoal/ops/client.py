@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import httpx
 from httpx_sse import EventSource, ServerSentEvent
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from shoal.models.parity import ManifestsDocument
 from shoal.schema.documents import (
@@ -32,7 +32,7 @@ from shoal.schema.documents import (
     StateDocument,
     StoreDocument,
 )
-from shoal.schema.exo import InstanceBody, instance_body
+from shoal.schema.exo import InstanceBody, InstanceDocument, instance_body
 from shoal.schema.report import StoreState
 
 DEFAULT_API: Final = "http://127.0.0.1:52415"
@@ -45,6 +45,7 @@ DEFAULT_TIMEOUT: Final = httpx.Timeout(300.0, connect=5.0)
 PROBE_TIMEOUT: Final = httpx.Timeout(3.0)
 
 Doc = TypeVar("Doc", bound=BaseModel)
+INSTANCE_DOCUMENT: Final = TypeAdapter(InstanceDocument)
 
 
 # ---- pure helpers ----------------------------------------------------------------------------
@@ -173,10 +174,31 @@ class ApiUnreachable(Exception):
         self.cause = cause
 
 
-def parse(response: httpx.Response, doc: type[Doc], expect: int = 200) -> Doc:
+def transport_cause(exc: Exception) -> Exception:
+    """The httpx error behind an ApiUnreachable; any other error as it is."""
+    return exc.cause if isinstance(exc, ApiUnreachable) and exc.cause is not None else exc
+
+
+def cannot_reach(base: str, exc: Exception) -> str:
+    """`cannot reach BASE: <httpx's words>. <how to start a node>` (audit, models pull)."""
+    return f"cannot reach {base}: {transport_cause(exc)}. {START_HINT}"
+
+
+def failure_text(exc: Exception) -> str:
+    """`ConnectError: ...`: a request that got no answer, as one line."""
+    cause = transport_cause(exc)
+    return f"{type(cause).__name__}: {cause}"
+
+
+def check(response: httpx.Response, expect: int = 200) -> httpx.Response:
+    """The response if its status is `expect`; else ApiError with the body's one line."""
     if response.status_code != expect:
         raise ApiError(error_message(response.status_code, response.content), response.status_code)
-    return doc.model_validate(response.json())
+    return response
+
+
+def parse(response: httpx.Response, doc: type[Doc], expect: int = 200) -> Doc:
+    return doc.model_validate(check(response, expect).json())
 
 
 class _EventSource(EventSource):
@@ -253,38 +275,41 @@ class ApiClient:
         return self.state().instance_bodies()
 
     def instance(self, instance_id: str) -> InstanceBody:
-        response = self.request("GET", f"/instance/{quote(instance_id)}")
-        if response.status_code != 200:
-            raise ApiError(error_message(response.status_code, response.content))
-        return instance_body(response.json())
+        return instance_body(check(self.request("GET", f"/instance/{quote(instance_id)}")).json())
 
     def models(self, status: str | None = None) -> list[str]:
         params = {"status": status} if status else None
         return [m.id for m in self.get("/v1/models", ModelList, params=params).data]
 
-    def node_id(self, timeout: httpx.Timeout | float = PROBE_TIMEOUT) -> str | None:
-        """The node id this API answers with; None for a non-200 answer."""
-        response = self.request("GET", "/node_id", timeout=timeout)
-        return response.text.strip('"') if response.status_code == 200 else None
+    def node_id(self, timeout: httpx.Timeout | float = PROBE_TIMEOUT) -> str:
+        """The node id this API answers with (ApiError for any other answer than 200)."""
+        return check(self.request("GET", "/node_id", timeout=timeout)).text.strip('"')
 
     def manifests(
-        self, model_id: str, nodes: list[str] | None = None, hash: bool = False
+        self,
+        model_id: str,
+        nodes: list[str] | None = None,
+        hash: bool = False,
+        timeout: httpx.Timeout | float | None = None,
     ) -> ManifestsDocument:
+        """Every node's manifest of the model, collected by this node; `hash` reads every byte
+        on every node, so such a call wants a long timeout of its own (None: the client's)."""
         params = {"hash": "true" if hash else "false"}
         if nodes:
             params["nodes"] = ",".join(nodes)
-        return self.get(f"/cluster/manifests/{quote(model_id)}", ManifestsDocument, params=params)
+        path = f"/cluster/manifests/{quote(model_id)}"
+        own = {"timeout": timeout} if timeout is not None else {}
+        return self.get(path, ManifestsDocument, params=params, **own)
 
-    def placement(self, **query: Any) -> dict[str, Any]:
-        """GET /instance/placement: the instance document to post back as it is."""
-        response = self.request("GET", "/instance/placement", params=query)
-        if response.status_code != 200:
-            message = error_message(response.status_code, response.content)
-            raise ApiError(message, response.status_code)
-        return response.json()
+    def placement(self, **query: Any) -> InstanceDocument:
+        """GET /instance/placement: the instance document to post back."""
+        response = check(self.request("GET", "/instance/placement", params=query))
+        return INSTANCE_DOCUMENT.validate_python(response.json())
 
-    def create_instance(self, instance: dict[str, Any], allow_blocked: bool = False) -> str:
-        body = {"instance": instance, "allow_blocked": allow_blocked}
+    def create_instance(self, instance: InstanceDocument, allow_blocked: bool = False) -> str:
+        """POST /instance: the new instance's id."""
+        wire = {meta: body.wire() for meta, body in instance.items()}
+        body = {"instance": wire, "allow_blocked": allow_blocked}
         return parse(self.request("POST", "/instance", json=body), CreatedInstance).instance_id
 
     def reach(self, host: str, port: int) -> Reach:
@@ -292,10 +317,7 @@ class ApiClient:
 
     def start_pull(self, model_id: str, include: list[str], revision: str) -> None:
         body = {"model": model_id, "include": include, "revision": revision}
-        response = self.request("POST", "/models/pull", json=body)
-        if response.status_code != 202:
-            message = error_message(response.status_code, response.content)
-            raise ApiError(message, response.status_code)
+        check(self.request("POST", "/models/pull", json=body), expect=202)
 
     def store(self) -> StoreState:
         return self.get("/models", StoreDocument).store

@@ -11,8 +11,15 @@ from typing import Any, TextIO
 
 import httpx
 
-from shoal.ops.chat import DEFAULT_API, START_HINT, api_base, error_message
-from shoal.ops.client import add_api_key_flag, auth_headers
+from shoal.ops.client import (
+    DEFAULT_API,
+    START_HINT,
+    ApiClient,
+    ApiError,
+    ApiUnreachable,
+    add_api_key_flag,
+    api_base,
+)
 from shoal.placement.addressing import host_of
 from shoal.schema.documents import LinkRow, NodeRow, StateDocument
 from shoal.schema.exo import HostPort, InstanceBody, RunnerStatus, ShardMetadata
@@ -196,17 +203,15 @@ def _why(state: StateDocument, body: InstanceBody, a: str, b: str) -> str:
 def run(args: argparse.Namespace) -> int:
     base = api_base(args.api)
     try:
-        response = httpx.get(f"{base}/state", timeout=5, headers=auth_headers(args.api_key))
-    except httpx.TransportError:
+        with ApiClient(base, timeout=5, api_key=args.api_key) as api:
+            state = api.state()
+    except (ApiUnreachable, httpx.TransportError):
         print(f"shoal doctor: no node answers at {base}: {START_HINT}", file=sys.stderr)
         return 2
-    if response.status_code != 200:
-        print(
-            f"shoal doctor: {error_message(response.status_code, response.content)}",
-            file=sys.stderr,
-        )
+    except ApiError as exc:
+        print(f"shoal doctor: {exc}", file=sys.stderr)
         return 1
-    render(StateDocument.model_validate(response.json()), sys.stdout)
+    render(state, sys.stdout)
     return 0
 
 

@@ -14,7 +14,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import httpx
@@ -23,8 +22,14 @@ from shoal.config import Paths
 from shoal.models.cards import CardError, ModelCard, card_for, load_cards
 from shoal.models.manifest import build_manifest
 from shoal.models.store import HF_CACHE_DIR, ModelStore, validate_model_id
-from shoal.ops.chat import START_HINT, api_base, error_message
-from shoal.ops.client import add_api_key_flag, auth_headers
+from shoal.ops.client import (
+    ApiClient,
+    ApiError,
+    ApiUnreachable,
+    add_api_key_flag,
+    api_base,
+    cannot_reach,
+)
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -128,29 +133,25 @@ def _cards() -> dict[str, ModelCard]:
 def _pull_on_node(args: argparse.Namespace, model_id: str) -> int:
     """POST /models/pull to a node and follow its progress until the pull ends."""
     base = api_base(args.api)
-    body = {"model": model_id, "include": args.include or [], "revision": args.revision}
     try:
-        headers = auth_headers(args.api_key)
-        with httpx.Client(timeout=10, headers=headers) as client, ProgressBar() as bar:
-            started = client.post(f"{base}/models/pull", json=body)
-            if started.status_code != 202:
-                print(f"shoal: {error_message(started.status_code, started.content)}",
-                      file=sys.stderr)  # fmt: skip
-                return EXIT_FAILED
+        with ApiClient(base, timeout=10, api_key=args.api_key) as api, ProgressBar() as bar:
+            api.start_pull(model_id, args.include or [], args.revision)
             while True:
-                states = client.get(f"{base}/models").json()["store"]["downloads"]
-                state = next(d for d in states if d["model_id"] == model_id)
-                bar(SimpleNamespace(**state))
-                if state["status"] != "downloading":
+                state = next(d for d in api.store().downloads if d.model_id == model_id)
+                bar(state)
+                if state.status != "downloading":
                     break
                 time.sleep(0.5)
-    except httpx.HTTPError as exc:
-        print(f"shoal: cannot reach {base}: {exc}. {START_HINT}", file=sys.stderr)
+    except ApiError as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if state["status"] == "failed":
-        print(f"shoal: {state['error']}", file=sys.stderr)
+    except (ApiUnreachable, httpx.HTTPError) as exc:
+        print(f"shoal: {cannot_reach(base, exc)}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{model_id}: pulled on {base} ({state['files_total']} files)")
+    if state.status == "failed":
+        print(f"shoal: {state.error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{model_id}: pulled on {base} ({state.files_total} files)")
     return EXIT_OK
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from shoal.models.manifest import Manifest
 from shoal.ops import audit
-from shoal.ops.chat import DEFAULT_API
+from shoal.ops.client import DEFAULT_API
 from shoal.schema.documents import NodeRow, StateDocument
 from shoal.schema.exo import InstanceBody
 from shoal.schema.report import StoreState
