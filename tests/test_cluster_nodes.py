@@ -255,7 +255,8 @@ def test_nodes_with_the_secret_meet_and_refuse_the_others(cluster: Cluster, tmp_
     cluster.procs[c].terminate()
     cluster.procs[c].wait(timeout=15)
     cluster.start(c)
-    wait_for("C refused as unsigned", lambda: _refused(a, c, "not signed"), 30)
+    wait_for("C answering again", lambda: cluster.nodes(c) is not None, 60)
+    wait_for("C refused as unsigned", lambda: _refused(a, c, "not signed"), 10)
     time.sleep(1.5)  # more poll rounds: still refused, never merged
     assert set(statuses(cluster.nodes(a))) == {a, b}
     assert set(statuses(cluster.nodes(b))) == {a, b}

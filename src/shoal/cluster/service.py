@@ -340,6 +340,7 @@ class ClusterService:
             self.view.goodbye(report.node_id, report.boot_id)
             return
         if self.view.accept(report, time.time()):
+            self.view.refused.pop(join_host_port(*address), None)  # refused before, unnamed
             advertised = [split_host_port(a, report.api_port) for a in report.addresses]
             self.peers.learn(report.node_id, [address, *advertised])  # type: ignore[list-item]
 
