@@ -187,7 +187,7 @@ class RunSettings:
     max_tokens_cap: int = _flag(
         DEFAULT_MAX_TOKENS_CAP,
         "most output tokens one request may ask for (max_tokens, max_output_tokens, "
-        "num_predict); more is a 400",
+        "num_predict), and gets when it names none; more is a 400",
     )
     max_messages: int = _flag(DEFAULT_MAX_MESSAGES, "most messages in one request; more is a 400")
     max_prompt_chars: int = _flag(
