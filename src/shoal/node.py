@@ -150,6 +150,7 @@ class Node:
                 tokenizer_cache=settings.paths.tokenizer_cache,
                 cache_dir=settings.paths.cache,
                 max_body_bytes=settings.max_body_bytes,
+                max_tokens_cap=settings.max_tokens_cap,
                 secret=self.cluster_settings.secret,  # to runners in their env, never argv
                 spare=bool(self.cluster_settings.static_peers) or settings.min_nodes > 1,
             ),

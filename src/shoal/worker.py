@@ -23,7 +23,7 @@ from pathlib import Path
 from shoal.models.local import LocalModel
 from shoal.placement.plan import desired_runners
 from shoal.runner.spec import TOKENS_EVERY_S, RunnerSpec, StatusLine, runner_env
-from shoal.schema.limits import DEFAULT_MAX_BODY_BYTES
+from shoal.schema.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP
 from shoal.schema.report import ClusterPlan, InstanceSpec, RunnerState
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class WorkerSettings:
     # peers), else once the plan puts a rank of a multi-node instance here: those move
     spare: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # rank 0's endpoint refuses larger (413)
+    max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP  # and gives a request at most this many tokens
     secret: bytes | None = field(default=None, repr=False)  # the cluster secret, for rank 0
 
 
@@ -286,6 +287,7 @@ class Worker:
             max_seq_len=s.max_seq_len,
             serve_host=endpoint_host(s.serve_host, any(i == instance for i in self.solo)),
             max_body_bytes=s.max_body_bytes,
+            max_tokens_cap=s.max_tokens_cap,
             tokenizer_cache=str(s.tokenizer_cache) if s.tokenizer_cache else None,
             cache_dir=str(s.cache_dir) if s.cache_dir else None,
         )

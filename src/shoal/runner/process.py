@@ -152,7 +152,7 @@ class Runner:
         served = ServedModel(spec.model_id, tokenizer, generator)
         readiness = Readiness(reason=f"warming up {spec.model_id}")
         # with the cluster secret, only signed calls (the nodes' relays): every path
-        app = create_endpoint(served, readiness, spec.max_body_bytes)
+        app = create_endpoint(served, readiness, spec.max_body_bytes, spec.max_tokens_cap)
         endpoint = SignedPeers(app, runner_secret(os.environ),
                                f"{spec.instance_id}/rank0", peer_only=None)  # fmt: skip
         server = uvicorn.Server(
