@@ -12,9 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from shoal.api import proxy
+from shoal.api import ollama, proxy
+from shoal.api.anthropic_translate import AnthropicError
 from shoal.cluster.peers import PeerClient, relay_socket_options
-from shoal.web.errors import RETRY_AFTER_S
+from shoal.web.errors import RETRY_AFTER_S, ApiError
 
 STOPPING = {"error": {"message": "The generation was stopped", "code": "server_stopping"}}
 ANSWER = {"choices": [{"message": {"content": "Paris"}}]}
@@ -166,6 +167,18 @@ def test_a_rank_0_lost_mid_stream_ends_the_stream_with_an_error_event() -> None:
     events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
     assert code == 200 and events[0].startswith('{"choices"'), body  # what was sent, then
     assert json.loads(events[1])["error"]["code"] == "instance_lost" and events[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize(
+    ("name", "response"),
+    [
+        ("OpenAI", lambda: ApiError(503, "moving").response()),
+        ("Anthropic", lambda: AnthropicError(503, "moving").response()),
+        ("Ollama", lambda: ollama._error(503, "moving")),
+    ],
+)
+def test_every_api_shape_says_when_to_retry_a_503(name, response) -> None:
+    assert response().headers["retry-after"] == str(RETRY_AFTER_S), name
 
 
 def test_the_relay_pool_finds_a_dead_path_by_tcp_keepalive(upstreams) -> None:

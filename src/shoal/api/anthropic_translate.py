@@ -21,6 +21,7 @@ from shoal.schema.anthropic import (
     ToolResultBlock,
     ToolUseBlock,
 )
+from shoal.web.errors import RETRY_AFTER_S
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -60,7 +61,8 @@ class AnthropicError(Exception):
         return {"type": "error", "error": {"type": self.type, "message": self.message}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        retry = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=retry)
 
 
 def invalid(message: str) -> AnthropicError:

@@ -50,7 +50,7 @@ from shoal.schema.ollama import (
     rfc3339,
 )
 from shoal.schema.report import HeldModel
-from shoal.web.errors import field_path
+from shoal.web.errors import RETRY_AFTER_S, field_path
 
 router = APIRouter()
 
@@ -68,7 +68,8 @@ class OllamaError(Exception):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    retry = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None  # a move, a load
+    return JSONResponse({"error": message}, status_code=status, headers=retry)
 
 
 def _ollama_errors(route: Callable[[Request], Awaitable[Response]]):
