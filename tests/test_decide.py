@@ -13,10 +13,12 @@ from shoal.placement.decide import (
     Config,
     Decision,
     Memory,
+    PlaceAsk,
     decide,
+    place,
 )
 from shoal.placement.review import COOLDOWN_S, RETRY_AFTER_S
-from shoal.schema.reasons import reason, render
+from shoal.schema.reasons import Refusal, reason, render
 from shoal.schema.report import (
     AutoPlace,
     ClusterPlan,
@@ -28,6 +30,7 @@ from shoal.schema.report import (
     Resources,
     RunnerState,
 )
+from shoal.schema.thresholds import Thresholds
 
 NOW = 10_000.0
 GIB = 1024**3
@@ -363,3 +366,40 @@ def test_after_the_move_the_new_baseline_is_used() -> None:
     again = serve(aged(moved.plan, 500.0), [2.5] * 40, NOW - 100, moved.memory)
     assert all(d.plan is None or only(d.plan).generation == 1 for d in again)
     assert all(d.alerts == {} for d in again)
+
+
+# ---- preflight's fallback: the next best path --------------------------------------------------
+
+
+def slow_cable(cable_ms: float) -> list[NodeReport]:
+    """pair() with the cable measured at cable_ms (past its ethernet bound when over 10 ms)."""
+    out = []
+    for r in pair():
+        links = tuple(
+            p.model_copy(update={"rtt_ms_ewma": cable_ms, "rtt_ms_p50": cable_ms})
+            if p.interface_kind == InterfaceKind.ETHERNET
+            else p
+            for p in r.links
+        )
+        out.append(r.model_copy(update={"links": links}))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "cable_ms", "vpn_bound", "hosts"),
+    [
+        ("the cable within its bound: the cable", 0.2, 200.0, "10.0.0."),
+        ("the cable past its bound: the VPN, within its own", 30.0, 200.0, "100.64.0."),
+        ("both past their bounds: refused, naming the cable", 30.0, 20.0, None),
+    ],
+)
+def test_a_path_preflight_refuses_gives_way_to_the_next(name, cable_ms, vpn_bound, hosts):
+    bounds = {**Thresholds().kind_bound_ms, InterfaceKind.VPN: vpn_bound}
+    config = Config(node_id="a", leader="a", thresholds=Thresholds(kind_bound_ms=bounds))
+    result = place(PlaceAsk("m", min_nodes=2), slow_cable(cable_ms), {}, NOW, config, "i")
+    if hosts is None:
+        assert isinstance(result, Refusal), name
+        assert "RTT 30.0 ms is over the ethernet bound 10 ms" in render(result), render(result)
+    else:
+        assert isinstance(result, InstanceSpec), (name, result)
+        assert all(h.startswith(hosts) for h in (result.store_address, *result.rank_addresses))

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from shoal.placement.addressing import host_of
 from shoal.placement.plan import (
     META_NAME,
     files_agree,
@@ -37,7 +38,14 @@ from shoal.placement.preflight import preflight
 from shoal.placement.review import retry_after, review
 from shoal.placement.throughput import Floor, RateWatch, watch
 from shoal.schema.reasons import CandidateReason, Reason, Refusal, reason
-from shoal.schema.report import AutoPlace, ClusterPlan, InstanceSpec, NodeReport, RunnerState
+from shoal.schema.report import (
+    AutoPlace,
+    ClusterPlan,
+    InstanceSpec,
+    NodeReport,
+    PathStats,
+    RunnerState,
+)
 from shoal.schema.thresholds import Thresholds
 
 FAILED_SETTLE_S = 1.5  # a failed runner's instance moves this long after the leader saw it
@@ -265,11 +273,14 @@ def place(
     instance_id: str,
     generation: int = 0,
     preflight_checks: bool = True,
+    fallback: bool = True,
 ) -> InstanceSpec | Refusal:
     """A fresh layout for the ask from the view, or every reason there is none.
 
     With preflight_checks, a layout whose paths miss the thresholds is refused with the
-    measured numbers (and a better path where one was measured)."""
+    measured numbers (and a better path where one was measured), unless (fallback) the layout
+    planned without those paths passes: the next best path, e.g. the VPN when the cable's RTT
+    is past its kind's bound."""
     blocked = cards.get(ask.model_id)
     if blocked is not None and not ask.allow_blocked:
         return Refusal((CandidateReason((), blocked),))
@@ -313,6 +324,30 @@ def place(
     if preflight_checks:
         failed = [c for c in preflight(instance, by_id, config.thresholds) if not c.ok]
         if failed:
-            return Refusal(tuple(CandidateReason(instance.nodes, c.refusal_reason())
-                                 for c in failed))  # fmt: skip
+            refused = Refusal(tuple(CandidateReason(instance.nodes, c.refusal_reason())
+                                    for c in failed))  # fmt: skip
+            pruned = without_paths(reports, {(c.src, c.dst, c.host) for c in failed})
+            if not fallback or pruned == list(reports):
+                return refused
+            again = place(ask, pruned, cards, now, config, instance_id, generation,
+                          preflight_checks, fallback=False)  # fmt: skip
+            return again if isinstance(again, InstanceSpec) else refused
     return instance
+
+
+def without_paths(
+    reports: Sequence[NodeReport], paths: set[tuple[str, str, str]]
+) -> list[NodeReport]:
+    """The reports without any record of these paths (src, dst, the host src dials), from
+    either end: placement then plans as if they were not there."""
+
+    def kept(r: NodeReport, p: PathStats) -> bool:
+        if p.direction == "inbound":
+            return (p.peer_node_id, r.node_id, host_of(p.local_addr or "")) not in paths
+        return (r.node_id, p.peer_node_id, host_of(p.peer_addr)) not in paths
+
+    out = []
+    for r in reports:
+        links = tuple(p for p in r.links if kept(r, p))
+        out.append(r if len(links) == len(r.links) else r.model_copy(update={"links": links}))
+    return out
