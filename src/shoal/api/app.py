@@ -35,22 +35,24 @@ def create_app(host: ModelHost) -> FastAPI:
     app.state.host = host
     app.add_middleware(CatchUnexpected)
     settings = getattr(host, "settings", None)
-    app.add_middleware(  # --max-body-bytes and --client-timeout: 413/408 in the route's shape
-        BodyLimit,
-        max_bytes=getattr(settings, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
-        timeout_s=getattr(settings, "client_timeout", DEFAULT_CLIENT_TIMEOUT_S),
-        render=limits.refusal,
-    )
     auth.install(app, settings)  # inside CORS: a preflight needs no key, a 401 gets CORS headers
     origins = getattr(settings, "cors_origin_list", ())
     if origins:  # off unless --cors-origins (SHOAL_CORS_ORIGINS) names the browser origins
         app.add_middleware(
             CORSMiddleware, allow_origins=list(origins), allow_methods=["*"], allow_headers=["*"]
         )
-    # Outermost, so every check inside sees request.state.peer_signed (shoal.web.signed).
+    # Outside auth and CORS, so every check inside sees request.state.peer_signed.
     secret = getattr(getattr(host, "cluster_settings", None), "secret", None)
     node_id = getattr(getattr(host, "identity", None), "node_id", "")
     app.add_middleware(SignedPeers, secret=secret, node_id=node_id, peer_only=PEER_ONLY)
+    # Outside even that: every body, signed or not, arrives whole within --client-timeout and
+    # under --max-body-bytes before anything reads it (413/408 in the route's shape).
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=getattr(settings, "max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+        timeout_s=getattr(settings, "client_timeout", DEFAULT_CLIENT_TIMEOUT_S),
+        render=limits.refusal,
+    )
     app.include_router(openai.router)
     app.include_router(anthropic.router)
     app.include_router(responses.router)
