@@ -176,8 +176,11 @@ def _raw(body: dict[str, Any]) -> bytes:
 SIGNED_WITH_OTHER_KEY = wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1"), b"other-secret")
 TAMPERED = json.loads(wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1"), b"k"))
 TAMPERED["nonce"] = "n2"
-STALE = wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1", f"{time.time() - 60:.3f}"), b"k")
-AHEAD = wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1", f"{time.time() + 60:.3f}"), b"k")
+# Judged at a fixed NOW, not the wall clock: the table is built at collection, maybe minutes
+# before the test runs in a full suite.
+NOW = 1_700_000_000.0
+STALE = wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1", f"{NOW - 60:.3f}"), b"k")
+AHEAD = wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1", f"{NOW + 60:.3f}"), b"k")
 
 
 @pytest.mark.parametrize(
@@ -207,7 +210,7 @@ AHEAD = wire.encode(wire.Probe("A", NS, "n1", "127.0.0.3:1", f"{time.time() + 60
 )
 def test_wire_rejects(data: bytes, secret: bytes | None, reason: str) -> None:
     with pytest.raises(wire.WireError, match=reason):
-        wire.decode(data, NS, secret)
+        wire.decode(data, NS, secret, now=NOW)
 
 
 def run(factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
