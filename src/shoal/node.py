@@ -160,7 +160,8 @@ class Node:
         # One pool for every call to a peer or to this node's runners, peers ranked by this
         # node's own path records (in its report once the cluster is up).
         # signed with the cluster secret, else (a keyed cluster) carrying this node's key
-        auth = peer_auth(self.cluster_settings.secret, self.identity.node_id, api_keys(settings))
+        self.api_keys = api_keys(settings)  # read once (--api-key-file): the peers and the API
+        auth = peer_auth(self.cluster_settings.secret, self.identity.node_id, self.api_keys)
         self.peers = PeerClient(
             lambda: self.cluster.report.links if self.cluster else (), auth=auth
         )

@@ -35,7 +35,8 @@ def create_app(host: ModelHost) -> FastAPI:
     app.state.host = host
     app.add_middleware(CatchUnexpected)
     settings = getattr(host, "settings", None)
-    auth.install(app, settings)  # inside CORS: a preflight needs no key, a 401 gets CORS headers
+    # inside CORS: a preflight needs no key, a 401 gets CORS headers
+    auth.install(app, settings, getattr(host, "api_keys", None))
     origins = getattr(settings, "cors_origin_list", ())
     if origins:  # off unless --cors-origins (SHOAL_CORS_ORIGINS) names the browser origins
         app.add_middleware(

@@ -12,7 +12,6 @@ with `WWW-Authenticate: Bearer`. No key is ever logged or echoed back.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shoal.api.anthropic_translate import AnthropicError
 from shoal.config import RunSettings, StartupError
+from shoal.schema.address import is_loopback
 from shoal.web.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,7 @@ def open_api_warning(host: str, keys: tuple[str, ...]) -> str | None:
 
 
 def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # '0.0.0.0' parses; a hostname may resolve to anything
+    return host == "localhost" or is_loopback(host.strip("[]"))  # not '0.0.0.0'
 
 
 # ---- the decision ----------------------------------------------------------------------------
@@ -169,12 +164,12 @@ class ApiKeyAuth:
         await refusal(path, headers)(scope, receive, send)
 
 
-def install(app: Any, settings: RunSettings | None) -> None:
+def install(app: Any, settings: RunSettings | None, keys: tuple[str, ...] | None = None) -> None:
     """Add the key check to the app (a no-op without keys), and say so once if the API is
-    open beyond this machine."""
+    open beyond this machine. `keys`: the node's, already read (else read from settings)."""
     if settings is None:
         return
-    keys = api_keys(settings)
+    keys = api_keys(settings) if keys is None else keys
     if warning := open_api_warning(settings.host, keys):
         log.warning(warning)
     if keys:

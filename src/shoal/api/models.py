@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import socket
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from shoal.api.host import library_of
 from shoal.models.cards import BUILTIN_DIR, ModelCard
 from shoal.models.library import Library, PullRefused
 from shoal.models.parity import ManifestsDocument, audit, ready
-from shoal.schema.address import base_url, host_of, join_host_port
+from shoal.schema.address import base_url, host_of, is_loopback, join_host_port
 from shoal.schema.exo import model_card
 from shoal.schema.report import HeldModel
 from shoal.web.errors import ApiError, invalid_request
@@ -242,7 +241,7 @@ async def reach(
     reports = cluster.view.alive_reports(cluster.report)
     known = {a.split("/")[0] for r in reports for i in r.interfaces for a in i.addresses}
     known |= {host_of(a) for r in reports for a in r.addresses}
-    if host not in known and not _is_loopback(host):
+    if host not in known and not is_loopback(host):
         raise invalid_request(
             f"{host} is not an address of a node in this node's view.", param="host"
         )
@@ -252,13 +251,6 @@ async def reach(
     except (OSError, TimeoutError) as exc:
         return {"host": host, "port": port, "ok": False, "error": str(exc) or type(exc).__name__}
     return {"host": host, "port": port, "ok": True, "ms": (time.perf_counter() - started) * 1e3}
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _connect(host: str, port: int) -> None:

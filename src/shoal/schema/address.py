@@ -29,6 +29,14 @@ def split_host_port(address: str, default_port: int | None = None) -> tuple[str,
     return host, int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """An IP literal of this machine's loopback (a hostname is not: it may resolve anywhere)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def host_of(address: str) -> str:
     """The host part of 'host:port' (brackets removed)."""
     return split_host_port(address)[0]
